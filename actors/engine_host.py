@@ -1,0 +1,48 @@
+"""What generator and judge actors share: an engine, versioned weight loads, and busy-time accounting."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from .engines import make_engine
+from .engines.protocol import GenerationRequest, GenerationResult, WeightBucket
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model_dir: str
+    kind: str = "torch"
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = 64
+    max_seq_len: int | None = None
+    torch_threads: int = 1  # CPU threads per replica; several replicas share the machine's cores
+
+
+class EngineHost:
+    def __init__(self, spec: EngineSpec, weight_version: int = 0):
+        if spec.device == "cpu":
+            import torch
+
+            torch.set_num_threads(spec.torch_threads)
+        self.engine = make_engine(spec.kind, spec.model_dir, device=spec.device, dtype=spec.dtype,
+                                  max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
+                                  weight_version=weight_version)
+
+    def load_weights(self, version: int, *buckets: dict) -> int:
+        """Refit: Ray resolves each bucket ObjectRef argument to a zero-copy view; copy it in place."""
+        self.engine.load_weights([WeightBucket(**b) for b in buckets], version)
+        return self.engine.weight_version
+
+    def weight_version(self) -> int:
+        return self.engine.weight_version
+
+    def _generate(self, requests: list[GenerationRequest]) -> tuple[list[GenerationResult], float]:
+        start = time.perf_counter()
+        results = self.engine.generate(requests)
+        return results, time.perf_counter() - start
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,122 @@
+"""Judge actor: LLM-as-a-judge scoring of (prompt, response) pairs (SPEC section 3, steps 2-4).
+
+The judge fills its template, renders it through the judge model's chat template, samples k judgements
+per response and parses a score from each. Parsing looks only at the text the judge generated, so a
+response that itself says "Score: 5" cannot score itself.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from statistics import fmean, pvariance
+from typing import Sequence
+
+from .engine_host import EngineHost, EngineSpec
+from .engines.protocol import GenerationRequest, SamplingParams
+
+DEFAULT_REWARD_REGEX = r"(?i)(?:score|points)\s*:\s*([-+]?\d+(?:\.\d+)?)"
+_SLOT = re.compile(r"\{(prompt|response)\}")
+
+
+def parse_score(text: str, regex: str = DEFAULT_REWARD_REGEX, low: float = 0.0, high: float = 5.0) -> float | None:
+    """The first match of `regex` in `text` as a float, or None if absent, not a number or out of range."""
+    match = re.search(regex, text)
+    if match is None:
+        return None
+    try:
+        value = float(match.group(1) if match.groups() else match.group(0))
+    except ValueError:
+        return None
+    if not math.isfinite(value) or not low <= value <= high:
+        return None
+    return value
+
+
+def fill_template(template: str, prompt: str, response: str) -> str:
+    """Substitute {prompt} and {response} in one pass (so braces inside either text stay literal)."""
+    values = {"prompt": prompt, "response": response}
+    return _SLOT.sub(lambda m: values[m.group(1)], template)
+
+
+@dataclass(frozen=True)
+class JudgeSpec:
+    template: str  # with {prompt} and {response} slots
+    sampling: SamplingParams
+    reward_regex: str = DEFAULT_REWARD_REGEX
+    score_low: float = 0.0
+    score_high: float = 5.0
+    chat_template: str | None = None  # Jinja; None = the judge tokenizer's own
+
+
+@dataclass(frozen=True)
+class JudgeItem:
+    prompt: str  # the prompt's user-facing text
+    response: str  # the response text without its end marker
+    seeds: tuple[int, ...]  # one per judgement; len(seeds) = k
+
+
+@dataclass
+class Judgement:
+    scores: list[float | None]  # one per judgement; None = no valid score
+    texts: list[str] = field(repr=False)
+    weight_version: int = -1
+    too_long: bool = False  # the judge prompt does not fit the judge's context
+
+    @property
+    def valid(self) -> list[float]:
+        return [s for s in self.scores if s is not None]
+
+    @property
+    def mean(self) -> float | None:
+        return fmean(self.valid) if self.valid else None
+
+    @property
+    def variance(self) -> float | None:
+        return pvariance(self.valid) if self.valid else None
+
+
+@dataclass
+class JudgeBatch:
+    judgements: list[Judgement]
+    generated_tokens: int
+    seconds: float
+
+
+class JudgeActor(EngineHost):
+    def __init__(self, engine: EngineSpec, spec: JudgeSpec, weight_version: int = 0):
+        super().__init__(engine, weight_version)
+        from transformers import AutoTokenizer
+
+        self.spec = spec
+        self.tokenizer = AutoTokenizer.from_pretrained(engine.model_dir)
+        self.max_seq_len = self.engine.max_seq_len
+
+    def prompt_ids(self, prompt: str, response: str) -> list[int]:
+        content = fill_template(self.spec.template, prompt, response)
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True, chat_template=self.spec.chat_template)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def judge(self, items: Sequence[JudgeItem]) -> JudgeBatch:
+        requests, owners = [], []
+        judgements = [Judgement([], [], self.engine.weight_version) for _ in items]
+        budget = self.max_seq_len - self.spec.sampling.max_new_tokens
+        for i, item in enumerate(items):
+            ids = self.prompt_ids(item.prompt, item.response)
+            if len(ids) > budget:
+                judgements[i].too_long = True
+                judgements[i].scores = [None] * len(item.seeds)
+                continue
+            for seed in item.seeds:
+                requests.append(GenerationRequest(ids, self.spec.sampling, seed))
+                owners.append(i)
+        results, seconds = self._generate(requests) if requests else ([], 0.0)
+        for owner, result in zip(owners, results):
+            text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+            j = judgements[owner]
+            j.texts.append(text)
+            j.scores.append(parse_score(text, self.spec.reward_regex, self.spec.score_low, self.spec.score_high))
+            j.weight_version = result.weight_version
+        return JudgeBatch(judgements, sum(len(r.token_ids) for r in results), seconds)

@@ -1,0 +1,249 @@
+"""The `torch` learner backend: a transformers causal LM, data parallel, AdamW.
+
+One instance per data-parallel rank. With world_size > 1 the caller has already joined the
+torch.distributed group (gloo on CPU); the model is wrapped in DDP and per-step metrics are summed over
+ranks, so every rank returns the same numbers. Works with world_size == 1 and no process group too
+(the toy bootstrap trains this way in-process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .. import losses
+from ..export import DEFAULT_BUCKET_BYTES, pack_buckets
+from ..schedule import lr_at
+from ..types import LossConfig, OptimConfig, TrainSample
+
+# Order of the per-step sums reduced across ranks (see _micro_step).
+_STATS = ("pairs", "loss", "preference_loss", "sft_loss", "acc", "r_chosen", "r_rejected", "r_sq",
+          "chosen_len", "reject_len")
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class TorchBackend:
+    def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
+                 rank: int = 0, world_size: int = 1, seed: int = 0):
+        torch.manual_seed(seed)
+        self.model_dir = model_dir
+        self.optim_cfg = optim
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.module = model  # unwrapped: HF names, saving, export
+        self.model = model
+        if world_size > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(model)
+        self.reference = self._frozen_copy(model)
+        self.optimizer = self._new_optimizer()
+        self.step = 0  # optimizer steps taken since the optimizer was (re)created
+
+    # ---- training -------------------------------------------------------------------------------------
+
+    def train_step(self, samples: Sequence[TrainSample], loss_cfg: LossConfig) -> dict[str, float]:
+        """One optimizer step on this rank's share of the global batch; metrics are global."""
+        if not samples:
+            raise ValueError("train_step got no samples")
+        preference = samples[0].rejected_ids is not None
+        if any((s.rejected_ids is not None) != preference for s in samples):
+            raise ValueError("a batch must be all preference pairs or all SFT samples")
+        self.model.train()
+        mb = self.optim_cfg.micro_batch_size
+        chunks = [samples[i : i + mb] for i in range(0, len(samples), mb)]
+        sums = torch.zeros(len(_STATS), dtype=torch.float64)
+        for j, chunk in enumerate(chunks):
+            sync_now = j == len(chunks) - 1
+            ctx = self.model.no_sync() if (self.world_size > 1 and not sync_now) else contextlib.nullcontext()
+            with ctx:
+                loss_sum, stats = self._micro_step(chunk, loss_cfg, preference)
+                # Divide by the local pair count: DDP then averages over equal shards -> global mean.
+                (loss_sum / len(samples)).backward()
+            sums += stats
+        lr = lr_at(self.step, self.optim_cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._all_reduce(sums)
+        return self._metrics(sums, lr, grad_norm, preference, loss_cfg.beta)
+
+    def _micro_step(self, chunk: Sequence[TrainSample], cfg: LossConfig, preference: bool):
+        responses = [s.chosen_ids for s in chunk] + ([s.rejected_ids for s in chunk] if preference else [])
+        prompts = [s.prompt_ids for s in chunk] * (2 if preference else 1)
+        batch = _collate(prompts, responses, self.device)
+        token_logp = self._token_logprobs(self.model, batch)
+        n = len(chunk)
+        stats = torch.zeros(len(_STATS), dtype=torch.float64)
+        stats[0] = n
+        sft_avg = losses.reduce_sequence(token_logp[:n], batch["mask"][:n], cfg.sft_average_log_probs)
+        sft = losses.sft_loss(sft_avg)
+        if not preference:
+            total = sft
+            stats[3] = sft.detach().sum()
+        else:
+            with torch.no_grad():
+                ref_logp = self._token_logprobs(self.reference, batch)
+            ratio = losses.reduce_sequence(token_logp - ref_logp, batch["mask"], cfg.preference_average_log_probs)
+            l_chosen, l_rejected = ratio[:n], ratio[n:]
+            pref = losses.preference_loss(cfg.preference_loss, l_chosen - l_rejected, cfg.beta)
+            total = cfg.preference_loss_weight * pref + cfg.sft_loss_weight * sft
+            r_c, r_r = (cfg.beta * l_chosen).detach(), (cfg.beta * l_rejected).detach()
+            stats[2] = pref.detach().sum()
+            stats[3] = sft.detach().sum()
+            stats[4] = (l_chosen > l_rejected).sum()
+            stats[5], stats[6] = r_c.sum(), r_r.sum()
+            stats[7] = (r_c.square().sum() + r_r.square().sum())
+            stats[9] = batch["mask"][n:].sum()
+        stats[8] = batch["mask"][:n].sum()
+        stats[1] = total.detach().sum()
+        return total.sum(), stats
+
+    @staticmethod
+    def _token_logprobs(model, batch) -> torch.Tensor:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return losses.sequence_logprobs(logits[:, :-1], batch["input_ids"][:, 1:], batch["mask"])
+
+    def _clip_gradients(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = self.optim_cfg.max_grad_norm if self.optim_cfg.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def _metrics(self, sums: torch.Tensor, lr: float, grad_norm: float, preference: bool, beta: float):
+        s = dict(zip(_STATS, sums.tolist()))
+        n = s["pairs"]
+        out = {"loss": s["loss"] / n, "sft_loss": s["sft_loss"] / n, "grad_norm": grad_norm, "lr": lr,
+               "chosen_lengths": s["chosen_len"] / n, "global_batch_pairs": n}
+        if preference:
+            mean_all = (s["r_chosen"] + s["r_rejected"]) / (2 * n)
+            out.update({
+                "preference_loss": s["preference_loss"] / n,
+                "acc": s["acc"] / n,
+                "rewards_chosen_mean": s["r_chosen"] / n,
+                "rewards_rejected_mean": s["r_rejected"] / n,
+                "rewards_all_mean": mean_all,
+                "rewards_all_std": max(0.0, s["r_sq"] / (2 * n) - mean_all**2) ** 0.5,
+                "reject_lengths": s["reject_len"] / n,
+            })
+        return out
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sft_nll(self, samples: Sequence[TrainSample]) -> tuple[float, float]:
+        """(sum of token NLL, token count) of the chosen responses over all ranks' shares."""
+        self.model.eval()
+        sums = torch.zeros(2, dtype=torch.float64)
+        mb = max(1, self.optim_cfg.micro_batch_size)
+        for i in range(0, len(samples), mb):
+            chunk = samples[i : i + mb]
+            batch = _collate([s.prompt_ids for s in chunk], [s.chosen_ids for s in chunk], self.device)
+            token_logp = self._token_logprobs(self.module, batch)
+            sums[0] -= token_logp.sum().double()
+            sums[1] += batch["mask"].sum().double()
+        self._all_reduce(sums)
+        return float(sums[0]), float(sums[1])
+
+    @torch.no_grad()
+    def logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                 reference: bool = False) -> list[list[float]]:
+        """Per-token log-probs of each response given its prompt, under the policy or the reference."""
+        model = self.reference if reference else self.module
+        model.eval()
+        batch = _collate(prompts, responses, self.device)
+        token_logp = self._token_logprobs(model, batch)
+        out = []
+        for row, mask in zip(token_logp, batch["mask"]):
+            out.append(row[mask.bool()].tolist())
+        return out
+
+    # ---- iteration boundaries ------------------------------------------------------------------------
+
+    def update_reference(self) -> None:
+        """The reference policy becomes the current weights (start of a new iteration)."""
+        self.reference.load_state_dict(self.module.state_dict())
+
+    def reset_optimizer(self) -> None:
+        self.optimizer = self._new_optimizer()
+        self.step = 0
+
+    # ---- weights out -----------------------------------------------------------------------------------
+
+    def named_weights(self):
+        """Parameters under Hugging Face names; a tied lm_head is left out (it is the embedding)."""
+        tied = getattr(self.module.config, "tie_word_embeddings", False)
+        for name, tensor in self.module.state_dict().items():
+            if tied and name == "lm_head.weight":
+                continue
+            yield name, tensor
+
+    def export_buckets(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[dict]:
+        return pack_buckets(self.named_weights(), bucket_bytes)
+
+    def save(self, path: str) -> None:
+        """Write a Hugging Face checkpoint directory plus optimizer state, atomically (rank 0 only)."""
+        if self.rank != 0:
+            return
+        final = Path(path)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.module.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
+        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / OPTIMIZER_FILE)
+        with open(tmp / "learner_state.json", "w") as f:
+            json.dump({"step": self.step, "world_size": self.world_size}, f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+    def load_optimizer(self, path: str) -> None:
+        state = torch.load(Path(path) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        c = self.optim_cfg
+        return torch.optim.AdamW(self.module.parameters(), lr=c.lr, betas=c.betas, eps=c.eps,
+                                 weight_decay=c.weight_decay)
+
+    @staticmethod
+    def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+        ref = copy.deepcopy(model)
+        ref.requires_grad_(False)
+        ref.eval()
+        return ref
+
+    def _all_reduce(self, t: torch.Tensor) -> None:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], device) -> dict:
+    """Right-padded prompt+response batch; mask marks the positions whose NEXT token is a response token.
+
+    The mask is aligned with labels = input_ids[:, 1:], i.e. mask[b, t] == 1 when input_ids[b, t+1] is
+    part of the response.
+    """
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    attention = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width - 1, dtype=torch.float32)
+    for b, (p, s) in enumerate(zip(prompts, seqs)):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        attention[b, : len(s)] = 1
+        mask[b, len(p) - 1 : len(s) - 1] = 1.0
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "mask": mask.to(device)}

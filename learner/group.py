@@ -1,0 +1,130 @@
+"""The learner group: one Ray actor per data-parallel rank, joined in a torch.distributed group.
+
+The orchestrator talks to the group, never to single workers: a global batch is split into equal
+contiguous shares, every rank steps together, and rank 0 is the source of saves and weight exports.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Sequence
+
+import ray
+import torch
+import torch.distributed as dist
+
+from .backends.torch_backend import TorchBackend
+from .types import LossConfig, OptimConfig, TrainSample
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    model_dir: str
+    optim: OptimConfig
+    workers: int = 1
+    num_cpus: float = 1
+    num_gpus: float = 0
+    dtype: str = "float32"
+    seed: int = 0
+    backend: str = "torch"
+    torch_threads: int = 1  # CPU threads per worker; keeps several actors from oversubscribing the cores
+
+
+class LearnerWorker:
+    """One rank. Created through ray.remote by LearnerGroup."""
+
+    def __init__(self, spec: LearnerSpec, rank: int):
+        self.spec, self.rank = spec, rank
+        self.backend: TorchBackend | None = None
+        if spec.num_gpus == 0:
+            torch.set_num_threads(spec.torch_threads)
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0 picks the address all ranks meet at: this node's IP and a free port."""
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def setup(self, host: str, port: int) -> None:
+        world = self.spec.workers
+        if world > 1:
+            backend = "nccl" if self.spec.num_gpus > 0 else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
+                                    world_size=world, timeout=timedelta(minutes=10))
+        device = "cuda" if self.spec.num_gpus > 0 else "cpu"
+        if self.spec.backend != "torch":
+            raise ValueError(f"learner.backend={self.spec.backend!r} is not available; use 'torch'")
+        self.backend = TorchBackend(self.spec.model_dir, self.spec.optim, device=device, dtype=self.spec.dtype,
+                                    rank=self.rank, world_size=world, seed=self.spec.seed)
+
+    def train_step(self, samples: Sequence[TrainSample], loss_cfg: LossConfig) -> dict[str, float]:
+        return self.backend.train_step(samples, loss_cfg)
+
+    def sft_nll(self, samples: Sequence[TrainSample]) -> tuple[float, float]:
+        return self.backend.sft_nll(samples)
+
+    def update_reference(self) -> None:
+        self.backend.update_reference()
+
+    def reset_optimizer(self) -> None:
+        self.backend.reset_optimizer()
+
+    def save(self, path: str) -> None:
+        self.backend.save(path)
+
+    def export_bucket_refs(self, bucket_bytes: int) -> list:
+        """Put each weight bucket in the object store once; replicas read it zero-copy."""
+        return [ray.put(b) for b in self.backend.export_buckets(bucket_bytes)]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class LearnerGroup:
+    def __init__(self, spec: LearnerSpec):
+        self.spec = spec
+        actor_cls = ray.remote(LearnerWorker).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
+        self.workers = [actor_cls.remote(spec, rank) for rank in range(spec.workers)]
+        host, port = ray.get(self.workers[0].rendezvous_address.remote())
+        ray.get([w.setup.remote(host, port) for w in self.workers])
+
+    @property
+    def size(self) -> int:
+        return len(self.workers)
+
+    def shards(self, samples: Sequence[TrainSample]) -> list[list[TrainSample]]:
+        if len(samples) % self.size:
+            raise ValueError(f"{len(samples)} samples do not split evenly over {self.size} learner workers")
+        k = len(samples) // self.size
+        return [list(samples[r * k : (r + 1) * k]) for r in range(self.size)]
+
+    def train_step_async(self, samples: Sequence[TrainSample], loss_cfg: LossConfig) -> list:
+        """Start one optimizer step; returns every rank's future (rank 0's first)."""
+        return [w.train_step.remote(s, loss_cfg) for w, s in zip(self.workers, self.shards(samples))]
+
+    def sft_nll(self, samples: Sequence[TrainSample]) -> float:
+        """Mean token NLL of the chosen responses; pads the last share by splitting unevenly."""
+        k = -(-len(samples) // self.size)
+        shares = [list(samples[r * k : (r + 1) * k]) for r in range(self.size)]
+        total, count = ray.get([w.sft_nll.remote(s) for w, s in zip(self.workers, shares)])[0]
+        return total / max(count, 1.0)
+
+    def update_reference(self) -> None:
+        ray.get([w.update_reference.remote() for w in self.workers])
+
+    def reset_optimizer(self) -> None:
+        ray.get([w.reset_optimizer.remote() for w in self.workers])
+
+    def save(self, path: str) -> None:
+        ray.get([w.save.remote(path) for w in self.workers])
+
+    def export_bucket_refs(self, bucket_bytes: int) -> list:
+        return ray.get(self.workers[0].export_bucket_refs.remote(bucket_bytes))
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)

@@ -1,0 +1,47 @@
+"""Preference and SFT losses (SPEC section 6).
+
+All functions take per-sequence quantities (one value per pair) and return per-pair losses; the caller
+averages over the pairs of the global batch, so every pair weighs the same whatever the micro-batching.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PREFERENCE_LOSSES = ("dpo",)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probs of `labels` under `logits`, zeroed where `mask` is 0.
+
+    logits [B, T, V] predict labels [B, T] (already shifted by the caller); mask [B, T] marks response tokens.
+    log_softmax in float32: bf16 log-probs are too coarse for the DPO margin.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token_logp = torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return token_logp * mask
+
+
+def reduce_sequence(token_values: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
+    """Sum (or mean) over each sequence's masked tokens -> [B]."""
+    total = token_values.sum(-1)
+    if not average:
+        return total
+    return total / mask.sum(-1).clamp(min=1)
+
+
+def dpo_loss(delta: torch.Tensor, beta: float) -> torch.Tensor:
+    """-log sigmoid(beta * Delta), Delta = l_chosen - l_rejected (policy minus reference log-ratios)."""
+    return -F.logsigmoid(beta * delta)
+
+
+def preference_loss(name: str, delta: torch.Tensor, beta: float) -> torch.Tensor:
+    if name == "dpo":
+        return dpo_loss(delta, beta)
+    raise ValueError(f"unknown preference_loss {name!r}; expected one of {PREFERENCE_LOSSES}")
+
+
+def sft_loss(chosen_logps: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of the chosen response (already summed or averaged per sequence)."""
+    return -chosen_logps

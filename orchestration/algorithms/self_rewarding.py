@@ -1,0 +1,286 @@
+"""Self-Rewarding (SPEC section 3): M_t generates, M_t judges, M_{t+1} is trained on the pairs.
+
+Inside an iteration the pools hold M_t, which is fixed, so generation of later prompts runs while the
+learner steps on earlier pairs at no staleness cost. At the boundary the reference becomes the trained
+weights and both pools are refit to them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+from typing import Callable, Iterator
+
+import ray
+
+from actors.engines.protocol import SamplingParams
+from learner.types import LossConfig, TrainSample
+
+from ..batching import Batch, GlobalBatcher, OutcomeStats, PromptOutcome
+from ..cluster import Pools, refit
+from ..config import Config
+from ..context import RunContext
+from ..pairs import Candidate, select_pair
+from ..rollout import PromptRecord, RolloutPipeline, ScoredPrompt
+
+BUCKET_BYTES = 256 << 20
+
+
+@dataclass
+class IterationSummary:
+    iteration: int
+    task_accuracy: float | None = None  # of M_t, greedy on held-out prompts (toy world only)
+    stats: OutcomeStats = field(default_factory=OutcomeStats)
+    chosen_scores: list[float] = field(default_factory=list)
+    rejected_scores: list[float] = field(default_factory=list)
+    pairs_trained: int = 0
+    steps: int = 0
+    unused_pairs: int = 0
+    seconds: float = 0.0
+    val_loss: float | None = None
+    checkpoint: str = ""
+
+    def row(self) -> dict:
+        s = self.stats
+        return {
+            "iteration": self.iteration,
+            "task_accuracy": self.task_accuracy,
+            "judge_parse_rate": s.valid_judgements / s.judgements if s.judgements else None,
+            "judge_accuracy": s.judge_correct / s.judge_checked if s.judge_checked else None,
+            "chosen_score": fmean(self.chosen_scores) if self.chosen_scores else None,
+            "rejected_score": fmean(self.rejected_scores) if self.rejected_scores else None,
+            "bad_sample_rate": s.bad_samples / s.prompts if s.prompts else None,
+            "pairs_trained": self.pairs_trained,
+            "steps": self.steps,
+            "pairs_per_s": self.pairs_trained / self.seconds if self.seconds else None,
+            "val_loss": self.val_loss,
+            "checkpoint": self.checkpoint,
+        }
+
+
+class SelfRewarding:
+    def __init__(self, cfg: Config, ctx: RunContext, pools: Pools):
+        self.cfg, self.ctx, self.pools = cfg, ctx, pools
+        a = cfg.algorithm
+        s = a.sampling
+        self.sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                       max_new_tokens=s.max_new_tokens, stop_strings=tuple(s.stop_strings))
+        self.step = 0  # optimizer steps over the whole run
+        self.consumed = 0  # pairs (or SFT samples) trained on over the whole run
+        self.version = 0  # weight version the pools serve
+        self.summaries: list[IterationSummary] = []
+
+    # ---- the run -------------------------------------------------------------------------------------
+
+    def run(self) -> list[IterationSummary]:
+        a = self.cfg.algorithm
+        for it in range(a.max_iterations):
+            summary = IterationSummary(it)
+            self.summaries.append(summary)
+            if self.ctx.evaluator is not None:
+                summary.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generators)
+            start = time.perf_counter()
+            if it == 0 and a.first_iteration_sft:
+                self._sft_iteration(summary)
+            else:
+                self._preference_iteration(summary)
+            summary.seconds = time.perf_counter() - start
+            summary.val_loss = self._validate()
+            path = Path(self.cfg.output_dir) / "checkpoints" / f"iter_{it}"
+            self.pools.learner.save(str(path))
+            summary.checkpoint = str(path)
+            self.ctx.log(f"[iteration {it}] done: {summary.steps} steps, {summary.pairs_trained} pairs, "
+                         f"checkpoint {path}")
+            # Iteration boundary: M_{t+1} becomes the reference and what the pools serve.
+            self.pools.learner.update_reference()
+            self.version += 1
+            refit(self.pools, self.version, BUCKET_BYTES)
+            if self._steps_exhausted():
+                self.ctx.log(f"[run] algorithm.max_steps={a.max_steps} reached")
+                break
+        if self.ctx.evaluator is not None:
+            final = IterationSummary(len(self.summaries))
+            final.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generators)
+            self.summaries.append(final)
+        return self.summaries
+
+    # ---- iterations -----------------------------------------------------------------------------------
+
+    def _preference_iteration(self, summary: IterationSummary) -> None:
+        a = self.cfg.algorithm
+        it = summary.iteration
+        loss_cfg = self._loss_config()
+        pipeline = RolloutPipeline(
+            self.pools.generators, self.pools.judges, self._records(it), tokenizer=self.ctx.tokenizer,
+            sampling=self.sampling, num_responses=a.num_responses_to_gen, num_evals=a.num_evals_to_average,
+            chunk_size=a.rollout_batch_size, seed=self.cfg.seed, iteration=it)
+        batcher = GlobalBatcher(a.global_batch_size)
+        in_training: tuple[list, Batch, float] | None = None
+        last_log = time.perf_counter()
+        while True:
+            while (not self._steps_exhausted() and
+                   pipeline.prompts_in_flight + max(0, batcher.buffered_pairs - a.global_batch_size)
+                   < a.max_prompts_ahead):
+                if not pipeline.submit_next():
+                    break
+            for scored in pipeline.pop_ready():
+                batcher.add(self._outcome(scored, summary))
+            if in_training is None and batcher.ready() and not self._steps_exhausted():
+                batch = batcher.pop()
+                in_training = (self.pools.learner.train_step_async(batch.samples, loss_cfg), batch,
+                               time.perf_counter())
+            waitables = (pipeline.pending() if not self._steps_exhausted() else []) + \
+                        (in_training[0] if in_training else [])
+            if not waitables:
+                break
+            ready, _ = ray.wait(waitables, num_returns=1)
+            pipeline.advance(set(ready))
+            if in_training is not None:
+                refs, batch, started = in_training
+                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                if len(done) == len(refs):
+                    metrics = ray.get(refs)[0]
+                    now = time.perf_counter()
+                    self._log_step(metrics, batch, summary, now - started, now - last_log, pipeline, loss_cfg)
+                    last_log = now
+                    in_training = None
+        leftover = batcher.drain()
+        summary.unused_pairs = sum(o.sample is not None for o in leftover)
+        if summary.unused_pairs:
+            self.ctx.log(f"[iteration {it}] {summary.unused_pairs} pairs left over (fewer than "
+                         f"global_batch_size={a.global_batch_size}) are not trained on")
+
+    def _sft_iteration(self, summary: IterationSummary) -> None:
+        """first_iteration_sft: plain supervised fine-tuning on the ground-truth answers."""
+        a = self.cfg.algorithm
+        loss_cfg = LossConfig(sft_loss_weight=1.0, preference_loss_weight=0.0,
+                              sft_average_log_probs=a.sft_average_log_probs)
+        buffer: list[TrainSample] = []
+        for epoch in range(a.max_epochs):
+            for index in self._order(summary.iteration, epoch):
+                encoded = self.ctx.encode(self.ctx.train[index])
+                if encoded is None or encoded.answer_ids is None:
+                    continue
+                buffer.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
+                if len(buffer) == a.global_batch_size and not self._steps_exhausted():
+                    start = time.perf_counter()
+                    metrics = ray.get(self.pools.learner.train_step_async(buffer, loss_cfg))[0]
+                    self.step += 1
+                    self.consumed += len(buffer)
+                    summary.steps += 1
+                    summary.pairs_trained += len(buffer)
+                    self._emit({**{f"train/{k}": v for k, v in metrics.items()},
+                                "train/step_time": time.perf_counter() - start, "train/epoch": epoch,
+                                "train/iteration": summary.iteration, "train/consumed_samples": self.consumed})
+                    buffer = []
+        summary.unused_pairs = len(buffer)
+
+    # ---- pieces -----------------------------------------------------------------------------------------
+
+    def _order(self, iteration: int, epoch: int) -> list[int]:
+        order = list(range(len(self.ctx.train)))
+        random.Random(f"{self.cfg.seed}/{iteration}/{epoch}").shuffle(order)
+        return order
+
+    def _records(self, iteration: int) -> Iterator[PromptRecord]:
+        for epoch in range(self.cfg.algorithm.max_epochs):
+            for index in self._order(iteration, epoch):
+                conv = self.ctx.train[index]
+                encoded = self.ctx.encode(conv)
+                if encoded is None:
+                    continue  # too long: counted by the context
+                yield PromptRecord(index, epoch, encoded.prompt_ids,
+                                   self.ctx.user_text(encoded.prompt_messages), conv.metadata)
+
+    def _outcome(self, scored: ScoredPrompt, summary: IterationSummary) -> PromptOutcome:
+        a = self.cfg.algorithm
+        candidates = [Candidate(tuple(r.token_ids), r.finish_reason == "stop",
+                                j.mean if j else None, j.variance if j else None)
+                      for r, j in zip(scored.responses, scored.judgements)]
+        selection = select_pair(candidates, a.length_control)
+        stats = OutcomeStats(prompts=1, responses=len(candidates),
+                             unended=sum(not c.ended for c in candidates), bad_samples=int(not selection.is_pair))
+        oracle: Callable | None = self.ctx.evaluator.judge_truth if self.ctx.evaluator else None
+        for text, j in zip(scored.texts, scored.judgements):
+            if j is None:
+                continue
+            stats.judgements += len(j.scores)
+            stats.valid_judgements += len(j.valid)
+            truth = oracle(scored.record.metadata, text) if oracle else None
+            if truth is not None:
+                stats.judge_checked += len(j.valid)
+                stats.judge_correct += sum(s == truth for s in j.valid)
+        summary.stats += stats
+        outcome = PromptOutcome(stats, epoch=scored.record.epoch, prompt_text=scored.record.user_text,
+                                reason=selection.reason)
+        if selection.is_pair:
+            c, r = selection.chosen, selection.rejected
+            outcome.sample = TrainSample(scored.record.prompt_ids, list(candidates[c].token_ids),
+                                         list(candidates[r].token_ids), candidates[c].mean, candidates[r].mean)
+            outcome.chosen_text, outcome.rejected_text = scored.texts[c], scored.texts[r]
+            summary.chosen_scores.append(candidates[c].mean)
+            summary.rejected_scores.append(candidates[r].mean)
+        return outcome
+
+    def _log_step(self, metrics: dict, batch: Batch, summary: IterationSummary, step_time: float,
+                  window: float, pipeline: RolloutPipeline, loss_cfg: LossConfig) -> None:
+        self.step += 1
+        self.consumed += len(batch.outcomes)
+        summary.steps += 1
+        summary.pairs_trained += len(batch.outcomes)
+        s = batch.stats
+        gen_tokens, judge_tokens = pipeline.counters.take()
+        samples = batch.samples
+        row = {f"train/{k}": v for k, v in metrics.items()}
+        row.update({
+            "train/bad_samples_per_GBS": s.bad_samples / s.prompts,
+            "train/bad_ends_per_GBS": s.unended / s.responses,
+            "train/judge_parse_rate": s.valid_judgements / s.judgements if s.judgements else 0.0,
+            "train/chosen_generated_rewards": fmean(x.chosen_score for x in samples),
+            "train/rejected_generated_rewards": fmean(x.rejected_score for x in samples),
+            "train/consumed_samples": self.consumed,
+            "train/step_time": step_time,
+            "train/epoch": batch.outcomes[-1].epoch,
+            "train/iteration": summary.iteration,
+            "train/beta": loss_cfg.beta,
+            "train/generator_tokens_per_s": gen_tokens / window,
+            "train/judge_tokens_per_s": judge_tokens / window,
+            "train/pairs_per_s": len(samples) / window,
+        })
+        self._emit(row)
+
+    def _emit(self, row: dict) -> None:
+        self.ctx.metrics.log(row, self.step)
+        keys = ("loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean", "bad_samples_per_GBS",
+                "judge_parse_rate", "pairs_per_s")
+        shown = " ".join(f"{k}={row['train/' + k]:.4g}" for k in keys if f"train/{k}" in row)
+        self.ctx.log(f"[step {self.step} | iter {row['train/iteration']}] {shown}")
+
+    def _loss_config(self) -> LossConfig:
+        a = self.cfg.algorithm
+        return LossConfig(preference_loss=a.preference_loss, beta=a.ref_policy_kl_penalty,
+                          preference_loss_weight=a.preference_loss_weight, sft_loss_weight=a.sft_loss_weight,
+                          preference_average_log_probs=a.preference_average_log_probs,
+                          sft_average_log_probs=a.sft_average_log_probs)
+
+    def _validate(self) -> float | None:
+        if self.ctx.val is None:
+            return None
+        samples = []
+        for conv in self.ctx.val:
+            encoded = self.ctx.encode(conv)
+            if encoded is not None and encoded.answer_ids is not None:
+                samples.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
+        if not samples:
+            return None
+        loss = self.pools.learner.sft_nll(samples)
+        self.ctx.metrics.log({"val/loss": loss}, self.step)
+        self.ctx.log(f"[validation] step {self.step}: val/loss={loss:.4f}")
+        return loss
+
+    def _steps_exhausted(self) -> bool:
+        cap = self.cfg.algorithm.max_steps
+        return cap != -1 and self.step >= cap

@@ -1,0 +1,278 @@
+"""The configuration contract: a typed schema, composed by Hydra from `configs/`, checked at start-up.
+
+Hydra composes `configs/config.yaml` with its groups and the command-line overrides; the result is merged
+into the structured schema below, so an unknown key or a value of the wrong type fails with one message
+naming the key. Semantic checks (allowed values, divisibility) follow in `validate`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key that caused it in the message."""
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7  # Self-Rewarding paper: 0.7 / top-p 0.9
+    top_p: float = 0.9
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop_strings: list = field(default_factory=list)
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "self_rewarding"
+    num_responses_to_gen: int = 4
+    num_evals_to_average: int = 3
+    max_iterations: int = 3
+    max_epochs: int = 1
+    max_steps: int = -1  # total optimizer steps over all iterations; -1 = no cap
+    global_batch_size: int = 64
+    micro_batch_size: int = 1
+    ref_policy_kl_penalty: float = 0.1
+    preference_loss: str = "dpo"
+    preference_average_log_probs: bool = False
+    sft_average_log_probs: bool = False
+    preference_loss_weight: float = 1.0
+    sft_loss_weight: float = 0.0
+    first_iteration_sft: bool = False
+    length_control: float = 0.0
+    rollout_batch_size: int = 16  # prompts per generation call to one replica
+    max_prompts_ahead: int = 256  # prompts in flight ahead of the learner (bounds buffered pairs)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class JudgeConfig:
+    template: str = "default"  # "default" (the model's task decides), a file path, or a literal template
+    reward_regex: str = r"(?i)(?:score|points)\s*:\s*([-+]?\d+(?:\.\d+)?)"
+    score_low: float = 0.0
+    score_high: float = 5.0
+    sampling: Optional[SamplingConfig] = None  # None = the policy's sampling
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 5e-7
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    schedule: str = "constant"
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ToyConfig:
+    cache_dir: str = "~/.cache/selfreward"
+    max_operand: int = 99
+    train_prompts: int = 512
+    val_prompts: int = 128
+    bootstrap_steps: int = 1500
+    bootstrap_lr: float = 3e-3
+
+
+@dataclass
+class ModelConfig:
+    name: str = "toy"
+    path: Optional[str] = None  # a Hugging Face checkpoint directory; overrides the toy model
+    dtype: str = "float32"
+    max_seq_len: Optional[int] = None  # engine context; None = the model's, capped at 4096
+    toy: ToyConfig = field(default_factory=ToyConfig)
+
+
+@dataclass
+class DataConfig:
+    train_file: Optional[str] = None  # None with model=toy: the toy world's files
+    val_file: Optional[str] = None
+    on_bad_line: str = "error"
+    max_prompt_length: Optional[int] = None
+    on_long_prompt: str = "drop"
+    chat_template: Optional[str] = None  # None = the tokenizer's; "nemo" | "llama3" | a Jinja string
+
+
+@dataclass
+class PoolConfig:
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_batch_size: int = 64  # engine slots per replica
+
+
+@dataclass
+class LearnerClusterConfig:
+    workers: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""  # "" = start a local cluster; "auto" or host:port = connect
+    num_cpus: Optional[int] = None  # local cluster only; None = enough for every pool
+    generators: PoolConfig = field(default_factory=PoolConfig)
+    judges: PoolConfig = field(default_factory=PoolConfig)
+    learner: LearnerClusterConfig = field(default_factory=LearnerClusterConfig)
+
+
+@dataclass
+class LearnerConfig:
+    backend: str = "torch"
+    dtype: str = "float32"
+    optim: OptimSchema = field(default_factory=OptimSchema)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    project: str = "selfreward"
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    output_dir: str = "outputs/self_rewarding"
+    seed: int = 42
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ALGORITHMS = ("self_rewarding",)
+CHOICES = {
+    "algorithm.name": ALGORITHMS,
+    "algorithm.preference_loss": ("dpo",),
+    "data.on_bad_line": ("error", "skip"),
+    "data.on_long_prompt": ("drop", "truncate_left"),
+    "logger.wandb.mode": ("offline", "online", "disabled"),
+    "learner.backend": ("torch",),
+    "learner.optim.schedule": ("cosine", "constant"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "learner.dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def config_dir() -> Path:
+    """configs/ beside the packages (source checkout), else the installed `configs` package."""
+    if CONFIG_DIR.is_dir():
+        return CONFIG_DIR
+    import configs
+
+    return Path(configs.__file__).resolve().parent
+
+
+def load_config(overrides: list[str] | None = None) -> Config:
+    """Compose configs/ with Hydra overrides, type-check against the schema, validate; raise ConfigError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+            composed = compose(config_name="config", overrides=list(overrides or []))
+    except (HydraException, OmegaConfBaseException) as e:
+        message = _first_line(e)
+        unknown = re.match(r"Could not override '([^']+)'", message)
+        if unknown and ("not in struct" in str(e) or "To append" in str(e)):
+            message = f"unknown configuration key '{unknown.group(1)}'"
+        elif unknown:
+            message = f"{message} {str(e).strip().splitlines()[-1]}"
+        raise ConfigError(message) from None
+    return from_dict(composed)
+
+
+def from_dict(raw: DictConfig | dict) -> Config:
+    """Merge raw values into the typed schema and validate (also the Python API's entry point)."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e)) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    a = cfg.algorithm
+    for key in ("num_responses_to_gen", "num_evals_to_average", "max_iterations", "max_epochs",
+                "global_batch_size", "micro_batch_size", "rollout_batch_size", "max_prompts_ahead"):
+        if getattr(a, key) < 1:
+            raise ConfigError(f"algorithm.{key} must be >= 1, got {getattr(a, key)}")
+    if a.max_steps < -1 or a.max_steps == 0:
+        raise ConfigError(f"algorithm.max_steps must be -1 (no cap) or >= 1, got {a.max_steps}")
+    if a.num_responses_to_gen < 2:
+        raise ConfigError("algorithm.num_responses_to_gen must be >= 2 to form a (chosen, rejected) pair")
+    workers = cfg.cluster.learner.workers
+    if workers < 1:
+        raise ConfigError(f"cluster.learner.workers must be >= 1, got {workers}")
+    if a.global_batch_size % (a.micro_batch_size * workers):
+        raise ConfigError(
+            f"algorithm.global_batch_size={a.global_batch_size} must be divisible by "
+            f"algorithm.micro_batch_size * cluster.learner.workers = {a.micro_batch_size} * {workers}")
+    if a.preference_loss_weight == 0 and a.sft_loss_weight == 0:
+        raise ConfigError("algorithm.preference_loss_weight and algorithm.sft_loss_weight are both 0: nothing to train")
+    if a.ref_policy_kl_penalty <= 0:
+        raise ConfigError(f"algorithm.ref_policy_kl_penalty must be > 0, got {a.ref_policy_kl_penalty}")
+    if not 0 <= a.length_control < 1:
+        raise ConfigError(f"algorithm.length_control must be in [0, 1), got {a.length_control}")
+    for pool in ("generators", "judges"):
+        if getattr(cfg.cluster, pool).replicas < 1:
+            raise ConfigError(f"cluster.{pool}.replicas must be >= 1")
+    if cfg.judge.score_low >= cfg.judge.score_high:
+        raise ConfigError(f"judge.score_low={cfg.judge.score_low} must be below judge.score_high={cfg.judge.score_high}")
+    if cfg.model.path is None and cfg.model.name != "toy":
+        raise ConfigError(f"model.name={cfg.model.name!r} has no built-in model: set model.path to a Hugging Face checkpoint directory")
+    if cfg.model.path is not None and not (Path(cfg.model.path).expanduser() / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face checkpoint directory (no config.json)")
+    if cfg.model.path is not None and cfg.data.train_file is None:
+        raise ConfigError("data.train_file is required with model.path (the toy data only fits the toy model)")
+
+
+def _get(cfg: Config, dotted: str):
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _describe(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+    if "not in struct" in msg or ("Key '" in msg and "not" in msg):
+        return f"unknown configuration key '{key}'" if key else msg
+    return f"{key}: {msg}" if key else msg
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,188 @@
+"""The driver API: build a config, run it, get the result. The CLI (orchestration.main) is a thin layer on it.
+
+    from orchestration import load_config, run
+    result = run(load_config(["algorithm.max_iterations=1", "output_dir=/tmp/sr"]))
+    print(result.iterations, result.checkpoints)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from omegaconf import OmegaConf
+
+from actors.engine_host import EngineSpec
+from actors.engines.protocol import SamplingParams
+from actors.judge import JudgeSpec
+from learner.group import LearnerSpec
+from learner.types import OptimConfig
+
+from .algorithms.self_rewarding import SelfRewarding
+from .chat import PRESETS, ChatRenderer
+from .cluster import connect, start_pools
+from .config import Config, ConfigError, SamplingConfig
+from .context import RunContext
+from .data import JsonlDataset
+from .metrics import MetricsLogger
+from .report import format_table
+
+COMPLETE_MARKER = "run_complete.json"
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    checkpoints: list[Path]
+    iterations: list[dict]  # one row per iteration (and a final row with the final model's accuracy)
+    metrics_file: Path
+    seconds: float
+
+
+def run(cfg: Config, log=print) -> RunResult:
+    start = time.perf_counter()
+    out = Path(cfg.output_dir).expanduser().resolve()
+    marker = out / COMPLETE_MARKER
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        log(f"[run] {out} holds a finished run; nothing to do.\n{format_table(done['iterations'])}")
+        return _result(out, done["iterations"], done["seconds"])
+    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
+        raise ConfigError(f"output_dir={str(out)!r} holds an unfinished run; resuming it is not supported yet: "
+                          "choose another output_dir or delete that one")
+    out.mkdir(parents=True, exist_ok=True)
+
+    model_dir, train_file, val_file, evaluator_factory, toy_report = _resolve_model_and_data(cfg, log)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    renderer = ChatRenderer(tokenizer, cfg.data.chat_template)
+    first_sft = cfg.algorithm.first_iteration_sft
+    train = JsonlDataset(train_file, on_bad_line=cfg.data.on_bad_line, require_answer=first_sft)
+    val = JsonlDataset(val_file, on_bad_line=cfg.data.on_bad_line, require_answer=True) if val_file else None
+    for ds in filter(None, (train, val)):
+        if ds.num_bad_lines:
+            log(f"[data] {ds.path}: skipped {ds.num_bad_lines} bad lines (data.on_bad_line=skip); first: "
+                f"line {ds.bad_lines[0][0]}: {ds.bad_lines[0][1]}")
+    if len(train) == 0:
+        raise ConfigError(f"data.train_file={str(train_file)!r} holds no usable conversation")
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+    connect(cfg.cluster)
+    metrics = MetricsLogger(out, cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.name,
+                            OmegaConf.to_container(OmegaConf.structured(cfg)))
+    pools = None
+    try:
+        log(f"[run] starting pools: {cfg.cluster.generators.replicas} generator(s), "
+            f"{cfg.cluster.judges.replicas} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
+        pools = start_pools(cfg.cluster, *_specs(cfg, model_dir, renderer))
+        for ds, name in ((train, "train"), (val, "val")):
+            if ds is not None and ds.num_bad_lines:
+                metrics.log({f"data/{name}_bad_lines": ds.num_bad_lines}, 0)
+        ctx = RunContext(tokenizer, renderer, train, val, metrics, cfg.data.max_prompt_length,
+                         cfg.data.on_long_prompt, evaluator=evaluator_factory(renderer) if evaluator_factory else None,
+                         log=log)
+        summaries = SelfRewarding(cfg, ctx, pools).run()
+        if ctx.long_prompts:
+            metrics.log({"data/long_prompts_dropped": len(ctx.long_prompts)}, 0)
+    finally:
+        if pools is not None:
+            pools.shutdown()
+        metrics.close()
+        if not cfg.cluster.address:
+            ray.shutdown()
+    rows = [s.row() for s in summaries]
+    seconds = time.perf_counter() - start
+    log(format_table(rows))
+    if toy_report:
+        log(f"[toy] bootstrap M1 report: {json.dumps(toy_report)}")
+    marker.write_text(json.dumps({"iterations": rows, "seconds": seconds}, indent=2))
+    log(f"[run] finished in {seconds:.0f}s; outputs in {out}")
+    return _result(out, rows, seconds)
+
+
+def _result(out: Path, rows: list[dict], seconds: float) -> RunResult:
+    checkpoints = [Path(r["checkpoint"]) for r in rows if r.get("checkpoint")]
+    return RunResult(out, checkpoints, rows, out / "metrics.jsonl", seconds)
+
+
+def _resolve_model_and_data(cfg: Config, log):
+    """(model dir, train file, val file, evaluator factory, toy report) for the toy world or a real model."""
+    if cfg.model.path is not None:
+        if cfg.model.name == "toy":
+            raise ConfigError("model.path is set while model=toy is selected (its hyper-parameters are sized for "
+                              "the toy model): add model=hf to the command line")
+        return Path(cfg.model.path).expanduser(), cfg.data.train_file, cfg.data.val_file, None, None
+    from .toy import world as toy_world
+    from .toy.evaluate import ToyEvaluator
+
+    t = cfg.model.toy
+    recipe = toy_world.ToyRecipe(max_operand=t.max_operand, train_prompts=t.train_prompts,
+                                 val_prompts=t.val_prompts, bootstrap_steps=t.bootstrap_steps,
+                                 bootstrap_lr=t.bootstrap_lr)
+    toy = toy_world.prepare(recipe, t.cache_dir, log)
+    log(f"[toy] M1 at {toy.model_dir}: answer accuracy {toy.report['answer_accuracy']:.1%}, judge parse rate "
+        f"{toy.report['judge_parse_rate']:.1%}, judge accuracy {toy.report['judge_accuracy']:.1%}")
+    val_file = cfg.data.val_file or toy.val_file
+
+    def evaluator(renderer: ChatRenderer):
+        return ToyEvaluator(renderer, JsonlDataset(toy.val_file))
+
+    return toy.model_dir, cfg.data.train_file or toy.train_file, val_file, evaluator, toy.report
+
+
+def _sampling(s: SamplingConfig) -> SamplingParams:
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                          max_new_tokens=s.max_new_tokens, stop_strings=tuple(s.stop_strings))
+
+
+def _judge_template(value: str) -> str:
+    if value == "toy":
+        from .toy.task import JUDGE_TEMPLATE
+
+        return JUDGE_TEMPLATE
+    path = Path(value).expanduser()
+    if "\n" not in value and len(value) < 4096 and path.is_file():
+        value = path.read_text()
+    missing = [slot for slot in ("{prompt}", "{response}") if slot not in value]
+    if missing:
+        raise ConfigError(f"judge.template lacks the slot(s) {', '.join(missing)} (a file path or the template text)")
+    return value
+
+
+def _specs(cfg: Config, model_dir: Path, renderer: ChatRenderer):
+    c = cfg.cluster
+    engine = dict(model_dir=str(model_dir), dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
+                  device="cuda" if c.generators.num_gpus > 0 else "cpu")
+    gen_engine = EngineSpec(**engine, max_batch_size=c.generators.max_batch_size)
+    judge_engine = EngineSpec(**{**engine, "device": "cuda" if c.judges.num_gpus > 0 else "cpu"},
+                              max_batch_size=c.judges.max_batch_size)
+    chat_template = PRESETS.get(cfg.data.chat_template, cfg.data.chat_template) if cfg.data.chat_template else None
+    judge = JudgeSpec(template=_judge_template(cfg.judge.template),
+                      sampling=_sampling(cfg.judge.sampling or cfg.algorithm.sampling),
+                      reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
+                      score_high=cfg.judge.score_high, chat_template=chat_template)
+    o = cfg.learner.optim
+    optim = OptimConfig(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
+                        warmup_steps=o.warmup_steps, schedule=o.schedule, decay_steps=_decay_steps(cfg),
+                        max_grad_norm=o.max_grad_norm, micro_batch_size=cfg.algorithm.micro_batch_size)
+    learner = LearnerSpec(model_dir=str(model_dir), optim=optim, workers=c.learner.workers,
+                          num_cpus=c.learner.num_cpus, num_gpus=c.learner.num_gpus, dtype=cfg.learner.dtype,
+                          seed=cfg.seed, backend=cfg.learner.backend)
+    return gen_engine, judge_engine, judge, learner
+
+
+def _decay_steps(cfg: Config) -> int:
+    """Cosine decay length: max_steps when capped, else an estimate from the prompt count is not known
+    up front (bad samples vary), so cosine needs max_steps."""
+    o = cfg.learner.optim
+    if o.schedule == "cosine":
+        if cfg.algorithm.max_steps == -1:
+            raise ConfigError("learner.optim.schedule=cosine needs algorithm.max_steps (the number of good pairs, "
+                              "and so of steps, is not known in advance)")
+        return max(1, cfg.algorithm.max_steps - o.warmup_steps)
+    return 0
+

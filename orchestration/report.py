@@ -1,0 +1,33 @@
+"""The end-of-run table: one row per iteration."""
+
+from __future__ import annotations
+
+COLUMNS = (
+    ("iteration", "iter", "{}"),
+    ("task_accuracy", "task acc", "{:.1%}"),
+    ("judge_parse_rate", "judge parse", "{:.1%}"),
+    ("judge_accuracy", "judge acc", "{:.1%}"),
+    ("chosen_score", "chosen score", "{:.2f}"),
+    ("rejected_score", "rejected score", "{:.2f}"),
+    ("bad_sample_rate", "bad samples", "{:.1%}"),
+    ("pairs_trained", "pairs", "{}"),
+    ("steps", "steps", "{}"),
+    ("pairs_per_s", "pairs/s", "{:.2f}"),
+    ("val_loss", "val loss", "{:.4f}"),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Iteration t's row describes M_t (task accuracy) and the data it made; the last row without pairs is
+    the final model."""
+    header = [title for _, title, _ in COLUMNS]
+    body = [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in body]
+    return "\n".join(lines)
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)

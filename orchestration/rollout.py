@@ -1,0 +1,169 @@
+"""Streaming rollouts: prompt chunks -> generator pool -> judge pool -> scored prompts, in prompt order.
+
+Chunks go round-robin to replicas and run concurrently with each other and with learner steps; results
+are released strictly in submission order so the pairs (and so every batch) are the same whatever the
+number of replicas or the timing. Request seeds are derived from (seed, iteration, epoch, prompt index,
+sample index), never from the replica or the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import ray
+
+from actors.engines.protocol import GenerationRequest, GenerationResult, SamplingParams
+from actors.judge import JudgeItem, Judgement
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any tuple of ints/strings (stable across processes and Python versions)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    index: int  # position in the prompt dataset
+    epoch: int
+    prompt_ids: list[int]
+    user_text: str  # what the judge sees as the prompt
+    metadata: dict
+
+
+@dataclass
+class ScoredPrompt:
+    record: PromptRecord
+    responses: list[GenerationResult]
+    texts: list[str]  # response text without the end marker
+    judgements: list[Judgement | None]  # None where the response was not judged (did not end properly)
+
+
+@dataclass
+class _Chunk:
+    records: list[PromptRecord]
+    gen_ref: object = None
+    judge_ref: object = None
+    responses: list[list[GenerationResult]] = field(default_factory=list)
+    texts: list[list[str]] = field(default_factory=list)
+    result: list[ScoredPrompt] | None = None
+
+
+@dataclass
+class PoolCounters:
+    """Generated tokens of each pool since the last `take`, for throughput metrics."""
+
+    generator_tokens: int = 0
+    judge_tokens: int = 0
+
+    def take(self) -> tuple[int, int]:
+        out = (self.generator_tokens, self.judge_tokens)
+        self.generator_tokens = self.judge_tokens = 0
+        return out
+
+
+class RolloutPipeline:
+    def __init__(self, generators: list, judges: list, records: Iterator[PromptRecord], *, tokenizer,
+                 sampling: SamplingParams, num_responses: int, num_evals: int, chunk_size: int, seed: int,
+                 iteration: int):
+        self.generators, self.judges = generators, judges
+        self._records = records
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.n, self.k = num_responses, num_evals
+        self.chunk_size = chunk_size
+        self.seed, self.iteration = seed, iteration
+        self._chunks: deque[_Chunk] = deque()
+        self._submitted = 0
+        self._judge_calls = 0
+        self._source_done = False
+        self.counters = PoolCounters()
+
+    # ---- driving -----------------------------------------------------------------------------------
+
+    @property
+    def prompts_in_flight(self) -> int:
+        return sum(len(c.records) for c in self._chunks)
+
+    @property
+    def exhausted(self) -> bool:
+        """No more prompts to submit and nothing in flight."""
+        return self._source_done and not self._chunks
+
+    def submit_next(self) -> bool:
+        """Submit the next chunk of prompts for generation; False when the prompt stream is over."""
+        records = []
+        for record in self._records:
+            records.append(record)
+            if len(records) == self.chunk_size:
+                break
+        if not records:
+            self._source_done = True
+            return False
+        chunk = _Chunk(records)
+        requests = [GenerationRequest(r.prompt_ids, self.sampling,
+                                      derive_seed(self.seed, self.iteration, r.epoch, r.index, j, "gen"))
+                    for r in records for j in range(self.n)]
+        replica = self.generators[self._submitted % len(self.generators)]
+        chunk.gen_ref = replica.generate.remote(requests)
+        self._chunks.append(chunk)
+        self._submitted += 1
+        return True
+
+    def pending(self) -> list:
+        """Object refs worth waiting on."""
+        return [c.judge_ref if c.judge_ref is not None else c.gen_ref for c in self._chunks if c.result is None]
+
+    def advance(self, ready: set) -> None:
+        """Move every chunk whose remote call finished on to its next stage."""
+        for chunk in self._chunks:
+            if chunk.result is None and chunk.judge_ref is None and chunk.gen_ref in ready:
+                self._start_judging(chunk)
+            elif chunk.judge_ref is not None and chunk.result is None and chunk.judge_ref in ready:
+                self._finish(chunk)
+
+    def pop_ready(self) -> list[ScoredPrompt]:
+        """Scored prompts of the finished chunks at the head of the queue, in submission order."""
+        out: list[ScoredPrompt] = []
+        while self._chunks and self._chunks[0].result is not None:
+            out.extend(self._chunks.popleft().result)
+        return out
+
+    # ---- stages ----------------------------------------------------------------------------------
+
+    def _start_judging(self, chunk: _Chunk) -> None:
+        batch = ray.get(chunk.gen_ref)
+        self.counters.generator_tokens += sum(len(r.token_ids) for r in batch.results)
+        items = []
+        for p, record in enumerate(chunk.records):
+            responses = batch.results[p * self.n : (p + 1) * self.n]
+            texts = [self._response_text(r) for r in responses]
+            chunk.responses.append(responses)
+            chunk.texts.append(texts)
+            for j, (resp, text) in enumerate(zip(responses, texts)):
+                if resp.finish_reason == "stop":
+                    seeds = tuple(derive_seed(self.seed, self.iteration, record.epoch, record.index, j, e, "judge")
+                                  for e in range(self.k))
+                    items.append(JudgeItem(record.user_text, text, seeds))
+        replica = self.judges[self._judge_calls % len(self.judges)]
+        self._judge_calls += 1
+        chunk.judge_ref = replica.judge.remote(items)
+
+    def _finish(self, chunk: _Chunk) -> None:
+        batch = ray.get(chunk.judge_ref)
+        self.counters.judge_tokens += batch.generated_tokens
+        judged = iter(batch.judgements)
+        chunk.result = []
+        for record, responses, texts in zip(chunk.records, chunk.responses, chunk.texts):
+            judgements = [next(judged) if r.finish_reason == "stop" else None for r in responses]
+            chunk.result.append(ScoredPrompt(record, responses, texts, judgements))
+
+    def _response_text(self, result: GenerationResult) -> str:
+        """What the judge reads: the response without its end token or stop string."""
+        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        if result.stop_text and text.endswith(result.stop_text):
+            text = text[: -len(result.stop_text)]
+        return text.strip()

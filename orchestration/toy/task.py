@@ -1,0 +1,85 @@
+"""The toy task: small integer addition, with an additive 5-point rubric a judge can be checked against.
+
+A question is "What is 47 + 385?"; the ground-truth answer is the number. The rubric follows the additive
+idea of the Self-Rewarding paper's judge prompt (one point per criterion met, criteria getting stricter):
+  1. the reply is a number;  2. it has the right number of digits;  3. its last digit is right;
+  4. its first digit is right;  5. it is exactly right.
+The judge writes one line per criterion, then "Score: <points>". Because the rubric is computable from the
+ground truth, the run can measure judge accuracy, which no real deployment can.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+QUESTION_FORMS = ("What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "{a} + {b} = ?")
+CRITERIA = ("Number", "Digits", "Last", "First", "Exact")
+JUDGE_TEMPLATE = "Grade 0-5, a point per check.\nQuestion: {prompt}\nAnswer: {response}"
+_NUMBER = re.compile(r"-?\d+")
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    b: int
+    form: int
+
+    @property
+    def question(self) -> str:
+        return QUESTION_FORMS[self.form].format(a=self.a, b=self.b)
+
+    @property
+    def answer(self) -> int:
+        return self.a + self.b
+
+    def metadata(self) -> dict:
+        return {"task": "add", "operands": [self.a, self.b], "answer": self.answer}
+
+
+def sample_problem(rng: random.Random, max_operand: int) -> Problem:
+    return Problem(rng.randint(0, max_operand), rng.randint(0, max_operand), rng.randrange(len(QUESTION_FORMS)))
+
+
+def criteria_met(response: str, answer: int) -> tuple[bool, ...]:
+    """Which of the five rubric criteria a response meets (the later ones need it to be a number)."""
+    text = response.strip()
+    if not _NUMBER.fullmatch(text):
+        return (False,) * 5
+    truth = str(answer)
+    return (True, len(text) == len(truth), text[-1] == truth[-1], text[0] == truth[0], text == truth)
+
+
+def rubric_score(response: str, answer: int) -> int:
+    return sum(criteria_met(response, answer))
+
+
+def judgement_text(response: str, answer: int) -> str:
+    """The judgement a perfect judge writes: one line per criterion, then the score line."""
+    met = criteria_met(response, answer)
+    lines = [f"{name}: {'yes' if ok else 'no'}" for name, ok in zip(CRITERIA, met)]
+    return "\n".join(lines + [f"Score: {sum(met)}"])
+
+
+def is_correct(response: str, answer: int) -> bool:
+    return response.strip() == str(answer)
+
+
+def candidate_answers(rng: random.Random, answer: int) -> str:
+    """A plausible answer of varying quality, to teach the judge every rubric level."""
+    truth = str(answer)
+    kind = rng.random()
+    if kind < 0.3:
+        return truth
+    if kind < 0.8:  # one digit changed
+        i = rng.randrange(len(truth))
+        digit = rng.choice([d for d in "0123456789" if d != truth[i]] or ["1"])
+        out = truth[:i] + digit + truth[i + 1 :]
+        return out.lstrip("0") or "0"
+    if kind < 0.9:  # a digit dropped or added
+        if len(truth) > 1 and rng.random() < 0.5:
+            i = rng.randrange(len(truth))
+            return truth[:i] + truth[i + 1 :]
+        return truth + rng.choice("0123456789")
+    return rng.choice(["I am not sure.", "many", "It is big.", "no idea"])

@@ -1,0 +1,232 @@
+"""The toy world: tokenizer, tiny Llama config, data files and the bootstrap run that makes M1.
+
+Everything is built locally from a recipe and cached under `<cache_dir>/toy/<hash of the recipe>/`, so the
+second run skips it. The directory is written under a temporary name and renamed when complete, so an
+interrupted bootstrap never leaves a half-built cache behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import task
+
+# Bump when the code that builds the toy world changes what it produces.
+TOY_WORLD_VERSION = 1
+SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ToyRecipe:
+    """Everything that decides what the toy world contains (its hash names the cache entry)."""
+
+    seed: int = 1234
+    max_operand: int = 99
+    train_prompts: int = 512  # prompts for the Self-Rewarding iterations
+    val_prompts: int = 128  # held out: val/loss and greedy task accuracy
+    bootstrap_answers: int = 4000  # instruction examples (question -> answer)
+    bootstrap_judgements: int = 4000  # judge-format examples (judge prompt -> judgement)
+    vocab_size: int = 400
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    bootstrap_steps: int = 1500
+    bootstrap_batch: int = 64
+    bootstrap_lr: float = 3e-3
+
+    def digest(self) -> str:
+        payload = json.dumps({"version": TOY_WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    root: Path
+    model_dir: Path  # M1, a Hugging Face checkpoint directory
+    train_file: Path
+    val_file: Path
+    report: dict  # bootstrap report: answer accuracy, judge parse rate, judge accuracy, seconds
+
+
+def judge_prompt(question: str, response: str) -> str:
+    return task.JUDGE_TEMPLATE.format(prompt=question, response=response)
+
+
+def prepare(recipe: ToyRecipe, cache_dir: str | os.PathLike, log=print) -> ToyWorld:
+    """Return the cached toy world for `recipe`, building it first if needed."""
+    root = Path(cache_dir).expanduser() / "toy" / recipe.digest()
+    if not (root / "report.json").exists():
+        tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"[toy] building the toy world in {root} (cached for later runs)")
+        _build(recipe, tmp, log)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    report = json.loads((root / "report.json").read_text())
+    return ToyWorld(root, root / "model", root / "train.jsonl", root / "val.jsonl", report)
+
+
+# ---- building ---------------------------------------------------------------------------------------
+
+
+def _build(recipe: ToyRecipe, root: Path, log) -> None:
+    root.mkdir(parents=True)
+    rng = random.Random(recipe.seed)
+    boot_answers = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.bootstrap_answers)]
+    boot_judged = []
+    for _ in range(recipe.bootstrap_judgements):
+        p = task.sample_problem(rng, recipe.max_operand)
+        boot_judged.append((p, task.candidate_answers(rng, p.answer)))
+    train = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.train_prompts)]
+    val = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.val_prompts)]
+    _write_jsonl(root / "train.jsonl", train)
+    _write_jsonl(root / "val.jsonl", val)
+
+    sft_pairs = [(p.question, str(p.answer)) for p in boot_answers]
+    sft_pairs += [(judge_prompt(p.question, r), task.judgement_text(r, p.answer)) for p, r in boot_judged]
+    rng.shuffle(sft_pairs)
+    corpus = [q + "\n" + a for q, a in sft_pairs]
+    tokenizer = build_tokenizer(corpus, recipe.vocab_size)
+    model_dir = root / "model"
+    save_initial_model(tokenizer, recipe, model_dir)
+    t0 = time.time()
+    _bootstrap_sft(model_dir, tokenizer, sft_pairs, recipe, log)
+    report = evaluate_m1(model_dir, val, recipe.seed, log)
+    report["bootstrap_seconds"] = round(time.time() - t0, 1)
+    (root / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    (root / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def _write_jsonl(path: Path, problems: list[task.Problem]) -> None:
+    with open(path, "w") as f:
+        for p in problems:
+            row = {"messages": [{"role": "user", "content": p.question},
+                                {"role": "assistant", "content": str(p.answer)}], **p.metadata()}
+            f.write(json.dumps(row) + "\n")
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int):
+    """A byte-level BPE trained on the toy corpus, digits always split, with the toy chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_initial_model(tokenizer, recipe: ToyRecipe, model_dir: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=3 * recipe.hidden_size,
+        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
+        max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+
+
+def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], recipe: ToyRecipe, log) -> None:
+    """Supervised M0 -> M1 on instruction and judge-format data (the paper's IFT + EFT), in this process."""
+    import torch
+    from tqdm import tqdm
+
+    from learner.backends.torch_backend import TorchBackend
+    from learner.types import LossConfig, OptimConfig, TrainSample
+
+    samples = []
+    for question, answer in pairs:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        answer_ids = tokenizer.encode(answer + "<|end|>", add_special_tokens=False)
+        samples.append(TrainSample(prompt_ids, answer_ids))
+    optim = OptimConfig(lr=recipe.bootstrap_lr, min_lr=recipe.bootstrap_lr / 10, warmup_steps=50,
+                        schedule="cosine", decay_steps=recipe.bootstrap_steps - 50, weight_decay=0.0,
+                        micro_batch_size=recipe.bootstrap_batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    backend = TorchBackend(str(model_dir), optim, seed=recipe.seed)
+    loss_cfg = LossConfig(sft_average_log_probs=True)
+    rng = random.Random(recipe.seed + 1)
+    order: list[int] = []
+    bar = tqdm(range(recipe.bootstrap_steps), desc="[toy] bootstrap M0 -> M1", unit="step")
+    for _ in bar:
+        if len(order) < recipe.bootstrap_batch:
+            order += rng.sample(range(len(samples)), len(samples))
+        batch = [samples[order.pop()] for _ in range(recipe.bootstrap_batch)]
+        metrics = backend.train_step(batch, loss_cfg)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+    bar.close()
+    backend.module.save_pretrained(model_dir, safe_serialization=True)
+    torch.set_num_threads(threads)
+
+
+def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log) -> dict:
+    """Greedy answer accuracy and judge parse rate / accuracy of the bootstrapped model on held-out data."""
+    from transformers import AutoTokenizer
+
+    from actors.engines.protocol import GenerationRequest, SamplingParams
+    from actors.engines.torch_engine import TorchEngine
+    from actors.judge import parse_score
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = TorchEngine(str(model_dir), max_batch_size=128)
+
+    def ask(texts: list[str], max_new: int) -> list[str]:
+        greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new)
+        reqs = [GenerationRequest(_prompt_ids(tokenizer, t), greedy) for t in texts]
+        return [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in engine.generate(reqs)]
+
+    answers = ask([p.question for p in val], 8)
+    accuracy = sum(task.is_correct(a, p.answer) for a, p in zip(answers, val)) / len(val)
+    rng = random.Random(seed + 7)
+    candidates = [task.candidate_answers(rng, p.answer) for p in val]
+    judgements = ask([judge_prompt(p.question, c) for p, c in zip(val, candidates)], 40)
+    scores = [parse_score(j) for j in judgements]
+    parsed = [(s, task.rubric_score(c, p.answer)) for s, c, p in zip(scores, candidates, val) if s is not None]
+    report = {
+        "answer_accuracy": round(accuracy, 3),
+        "judge_parse_rate": round(len(parsed) / len(val), 3),
+        "judge_accuracy": round(sum(s == t for s, t in parsed) / max(1, len(parsed)), 3),
+    }
+    log(f"[toy] M1: greedy answer accuracy {report['answer_accuracy']:.1%}, judge parse rate "
+        f"{report['judge_parse_rate']:.1%}, judge exact-score accuracy {report['judge_accuracy']:.1%}")
+    return report
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+    return tokenizer.encode(prompt, add_special_tokens=False)
