@@ -1,0 +1,456 @@
+"""The project's own torch inference engine for Llama-family decoders (implements `Engine`).
+
+Scheduling (`generate`): continuous batching over a fixed set of cache slots. Each loop iteration
+(1) admits waiting requests into the lowest free slots and prefills them together (right-padded, one
+forward per chunk of at most `max_prefill_tokens` padded tokens), sampling each one's first token, then
+(2) runs one decode step over slots [0, B), B = highest active slot + 1. Finished sequences free their slot
+at once, so the next waiting request takes it in the following iteration.
+
+Device state lives in preallocated per-slot tensors (`_SlotState`): last token, position, step counter,
+sampling parameters, and a log-prob buffer, so a decode step has static shapes given (B, kv_len). The only
+device->host transfer per step is the [B] vector of new tokens, which the host needs to decide stopping;
+host bookkeeping (`_HostState`) is vectorised with numpy except for the few sequences that finish or
+carry stop strings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from actors.engines.llama import ForwardContext, ModelArgs, Transformer, hf_views
+from actors.engines.protocol import FinishReason, GenerationRequest, GenerationResult, WeightBucket
+from actors.engines.sampling import sample_tokens, split_seed, token_logprobs
+from actors.engines.weights import torch_dtype, unpack_bucket
+
+KV_LEN_BUCKET = 64  # decode attends over a multiple of this many cache positions (fewer distinct shapes)
+LOGITS_CHUNK = 1024  # rows per lm_head call in `score`, bounding the [rows, vocab] buffer
+
+
+class TorchEngine:
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch_size: int = 64,
+        max_seq_len: int | None = None,
+        weight_version: int = 0,
+        max_prefill_tokens: int = 8192,
+    ) -> None:
+        self.device = torch.device(device)
+        config = AutoConfig.from_pretrained(model_dir)
+        self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.args = ModelArgs.from_hf_config(config, self.max_seq_len)
+        self.model = Transformer(self.args, max_seq_len=self.max_seq_len, device=self.device, dtype=torch_dtype(dtype))
+        self.model.eval()
+        self._views = hf_views(self.model)
+        self._load_checkpoint(Path(model_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.stop_token_ids = _engine_stop_ids(Path(model_dir), config, self.tokenizer)
+        self.cache = self.model.new_cache(max_batch_size)
+        self._slots = _SlotState(max_batch_size, self.max_seq_len, self.device)
+        self.weight_version = weight_version
+
+    # ------------------------------------------------------------------------------------------- weights
+
+    def named_parameters_hf(self) -> dict[str, torch.Tensor]:
+        return dict(self._views)
+
+    def _load_checkpoint(self, model_dir: Path) -> None:
+        seen: set[str] = set()
+        with torch.no_grad():
+            for path in _safetensors_files(model_dir):
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in f.keys():
+                        if self._ignorable_checkpoint_key(name):
+                            continue
+                        self._check_entry(name, tuple(f.get_slice(name).get_shape()), seen)
+                        self._views[name].copy_(f.get_tensor(name))
+        self._check_all_set(seen)
+
+    def _ignorable_checkpoint_key(self, name: str) -> bool:
+        # Old checkpoints store rope buffers; some tied checkpoints store a copy of the embedding as lm_head.
+        tied_copy = name == "lm_head.weight" and self.args.tie_word_embeddings
+        return tied_copy or name.endswith("rotary_emb.inv_freq")
+
+    def load_weights(self, buckets: Sequence[WeightBucket], version: int) -> None:
+        """Validate every bucket's names and shapes first, so a bad refit leaves the weights untouched."""
+        seen: set[str] = set()
+        for bucket in buckets:
+            for name, shape in zip(bucket.names, bucket.shapes):
+                self._check_entry(name, tuple(shape), seen)
+        self._check_all_set(seen)
+        with torch.no_grad():
+            for bucket in buckets:
+                for name, tensor in unpack_bucket(bucket).items():
+                    self._views[name].copy_(tensor)
+        self.weight_version = version
+
+    def _check_entry(self, name: str, shape: tuple[int, ...], seen: set[str]) -> None:
+        if name not in self._views:
+            hint = " (embeddings are tied: send model.embed_tokens.weight only)" if name == "lm_head.weight" else ""
+            raise ValueError(f"unknown parameter {name!r}{hint}")
+        if name in seen:
+            raise ValueError(f"parameter {name!r} is set more than once")
+        expected = tuple(self._views[name].shape)
+        if shape != expected:
+            raise ValueError(f"parameter {name!r} has shape {shape}, expected {expected}")
+        seen.add(name)
+
+    def _check_all_set(self, seen: set[str]) -> None:
+        missing = sorted(set(self._views) - seen)
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(f"missing parameters: {missing[:5]}{more}")
+
+    # --------------------------------------------------------------------------------------------- score
+
+    def score(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> list[list[float]]:
+        if len(sequences) != len(prompt_lens):
+            raise ValueError(f"{len(sequences)} sequences but {len(prompt_lens)} prompt_lens")
+        for seq, p in zip(sequences, prompt_lens):
+            self._check_tokens(seq, limit=self.max_seq_len)
+            if not 1 <= p <= len(seq):
+                raise ValueError(f"prompt_len {p} must be in [1, {len(seq)}] (the first token has no context)")
+        out: list[list[float]] = [[] for _ in sequences]
+        with torch.inference_mode():
+            lengths = [len(s) for s in sequences]
+            for chunk in _chunks_by_tokens(range(len(sequences)), lengths, self.max_prefill_tokens):
+                scored = self._score_chunk([sequences[i] for i in chunk], [prompt_lens[i] for i in chunk])
+                for i, lp in zip(chunk, scored):
+                    out[i] = lp
+        return out
+
+    def _score_chunk(self, sequences: list[Sequence[int]], prompt_lens: list[int]) -> list[list[float]]:
+        tokens, lengths = self._pad(sequences)
+        hidden = self.model.hidden_states(tokens, ForwardContext.full(lengths, tokens.shape[1]))
+        # Hidden state at position t predicts token t + 1: take t in [prompt_len - 1, len - 1).
+        rows = np.concatenate([np.full(len(s) - p, i) for i, (s, p) in enumerate(zip(sequences, prompt_lens))])
+        cols = np.concatenate([np.arange(p - 1, len(s) - 1) for s, p in zip(sequences, prompt_lens)])
+        rows_t = torch.as_tensor(rows, dtype=torch.int64, device=self.device)
+        cols_t = torch.as_tensor(cols, dtype=torch.int64, device=self.device)
+        selected, targets = hidden[rows_t, cols_t], tokens[rows_t, cols_t + 1]
+        logprobs = torch.cat(
+            [
+                token_logprobs(self.model.logits(selected[i : i + LOGITS_CHUNK]), targets[i : i + LOGITS_CHUNK])
+                for i in range(0, len(rows), LOGITS_CHUNK)
+            ]
+            or [torch.empty(0, device=self.device)]
+        ).tolist()
+        counts = [len(s) - p for s, p in zip(sequences, prompt_lens)]
+        bounds = np.cumsum([0] + counts)
+        return [logprobs[bounds[i] : bounds[i + 1]] for i in range(len(sequences))]
+
+    def forward_logits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Float32 logits [len_i, vocab] for every position of every sequence (one padded batch; for tests)."""
+        for seq in sequences:
+            self._check_tokens(seq, limit=self.max_seq_len)
+        with torch.inference_mode():
+            tokens, lengths = self._pad(sequences)
+            logits = self.model.logits(self.model.hidden_states(tokens, ForwardContext.full(lengths, tokens.shape[1])))
+            return [logits[i, : len(s)].cpu() for i, s in enumerate(sequences)]
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        for r in requests:
+            self._check_request(r)
+        host = _HostState(requests, self.max_batch_size, self.max_seq_len, self.stop_token_ids, self.tokenizer)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        waiting = deque(range(len(requests)))
+        with torch.inference_mode():
+            while waiting or host.any_active():
+                free = host.free_slots()
+                if waiting and free:
+                    admitted = [(slot, waiting.popleft()) for slot in free[: len(waiting)]]
+                    lengths = [len(requests[i].prompt_ids) for _, i in admitted]
+                    for chunk in _chunks_by_tokens(admitted, lengths, self.max_prefill_tokens):
+                        self._finish(host, self._prefill(host, chunk), results)
+                if host.any_active():
+                    self._finish(host, self._decode_step(host), results)
+        done = [r for r in results if r is not None]
+        assert len(done) == len(requests), "every request finishes before the loop exits"
+        return done
+
+    def _prefill(self, host: "_HostState", admitted: list[tuple[int, int]]) -> list["_Finished"]:
+        slots = [slot for slot, _ in admitted]
+        reqs = [host.requests[i] for _, i in admitted]
+        for slot, i in admitted:
+            host.assign(slot, i)
+        slot_t = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self._slots.assign(slot_t, reqs)
+        tokens, lengths = self._pad([r.prompt_ids for r in reqs])
+        logits = self.model.prefill(tokens, lengths, slot_t, self.cache)
+        new_tokens = self._sample(logits, slot_t, host, np.asarray(slots))
+        self._slots.tokens[slot_t] = new_tokens
+        return host.record(np.asarray(slots), new_tokens.cpu().numpy())
+
+    def _decode_step(self, host: "_HostState") -> list["_Finished"]:
+        b = host.extent()
+        kv_len = min(-(-host.max_total_len(b) // KV_LEN_BUCKET) * KV_LEN_BUCKET, self.max_seq_len)
+        s = self._slots
+        logits = self.model.decode(s.tokens[:b], s.positions[:b], self.cache, kv_len)
+        rows = torch.arange(b, device=self.device)
+        new_tokens = self._sample(logits, rows, host, np.arange(b))
+        s.tokens[:b] = new_tokens
+        s.positions[:b] += s.active[:b]  # free slots stay at position 0, inside the cache
+        return host.record(np.arange(b), new_tokens.cpu().numpy())
+
+    def _sample(
+        self, logits: torch.Tensor, rows: torch.Tensor, host: "_HostState", rows_np: np.ndarray
+    ) -> torch.Tensor:
+        """Sample for slot indices `rows` (device) / `rows_np` (host), advancing their step counters."""
+        s = self._slots
+        steps = s.steps[rows]
+        tokens = sample_tokens(
+            logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed_lo[rows], s.seed_hi[rows], steps,
+            all_greedy=host.all_greedy(rows_np),
+        )
+        if host.wants_logprobs(rows_np):
+            s.logprobs[rows, steps] = token_logprobs(logits, tokens)
+        s.steps[rows] = steps + s.active[rows]
+        return tokens
+
+    def _finish(self, host: "_HostState", finished: list["_Finished"], results: list[GenerationResult | None]) -> None:
+        if not finished:
+            return
+        slots = torch.tensor([f.slot for f in finished], dtype=torch.int64, device=self.device)
+        # One transfer for all log-prob rows that finished this step.
+        logprob_rows = self._slots.logprobs[slots].cpu() if any(f.want_logprobs for f in finished) else None
+        for j, f in enumerate(finished):
+            results[f.request] = GenerationResult(
+                token_ids=f.token_ids,
+                finish_reason=f.reason,
+                weight_version=self.weight_version,
+                logprobs=logprob_rows[j, : len(f.token_ids)].tolist() if f.want_logprobs else None,
+                stop_text=f.stop_text,
+            )
+        self._slots.release(slots)
+
+    # ------------------------------------------------------------------------------------------- helpers
+
+    def _pad(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad with token 0 (masked out); returns tokens [B, T] and lengths [B] on the device."""
+        lengths = [len(s) for s in sequences]
+        padded = np.zeros((len(sequences), max(lengths)), dtype=np.int64)
+        for i, s in enumerate(sequences):
+            padded[i, : len(s)] = s
+        return torch.from_numpy(padded).to(self.device), torch.tensor(lengths, dtype=torch.int64, device=self.device)
+
+    def _check_tokens(self, ids: Sequence[int], limit: int) -> None:
+        if len(ids) == 0:
+            raise ValueError("empty token sequence")
+        if len(ids) > limit:
+            raise ValueError(
+                f"sequence of {len(ids)} tokens exceeds the limit of {limit} (max_seq_len={self.max_seq_len})"
+            )
+        arr = np.asarray(ids)
+        if arr.min() < 0 or arr.max() >= self.args.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.args.vocab_size}), got [{arr.min()}, {arr.max()}]")
+
+    def _check_request(self, r: GenerationRequest) -> None:
+        # One position must remain for the first generated token.
+        self._check_tokens(r.prompt_ids, limit=self.max_seq_len - 1)
+        p = r.sampling
+        if p.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
+        if p.temperature < 0 or not 0 < p.top_p <= 1 or p.top_k < 0:
+            raise ValueError(f"invalid sampling params: temperature={p.temperature}, top_p={p.top_p}, top_k={p.top_k}")
+
+
+# ----------------------------------------------------------------------------------------- slot state
+
+
+class _SlotState:
+    """Per-slot decode inputs and sampling parameters, preallocated on the device (static shapes)."""
+
+    def __init__(self, num_slots: int, max_seq_len: int, device: torch.device) -> None:
+        def ints() -> torch.Tensor:
+            return torch.zeros(num_slots, dtype=torch.int64, device=device)
+
+        self.device = device
+        self.tokens, self.positions, self.steps, self.active = ints(), ints(), ints(), ints()
+        self.top_k, self.seed_lo, self.seed_hi = ints(), ints(), ints()
+        self.temperature = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.top_p = torch.ones(num_slots, dtype=torch.float32, device=device)
+        self.logprobs = torch.zeros(num_slots, max_seq_len, dtype=torch.float32, device=device)
+
+    def assign(self, slots: torch.Tensor, requests: list[GenerationRequest]) -> None:
+        # One host->device transfer for the integer fields and one for the float fields.
+        ints = torch.tensor(
+            [[len(r.prompt_ids), 0, 1, r.sampling.top_k, *split_seed(r.seed)] for r in requests], dtype=torch.int64
+        ).to(self.device)
+        floats = torch.tensor(
+            [[r.sampling.temperature, r.sampling.top_p] for r in requests], dtype=torch.float32
+        ).to(self.device)
+        for j, field in enumerate((self.positions, self.steps, self.active, self.top_k, self.seed_lo, self.seed_hi)):
+            field[slots] = ints[:, j]
+        self.temperature[slots], self.top_p[slots] = floats[:, 0], floats[:, 1]
+
+    def release(self, slots: torch.Tensor) -> None:
+        self.active[slots] = 0
+        self.positions[slots] = 0
+
+
+# ----------------------------------------------------------------------------------------- host state
+
+
+@dataclass
+class _Finished:
+    slot: int
+    request: int
+    token_ids: list[int]
+    reason: FinishReason
+    stop_text: str | None
+    want_logprobs: bool
+
+
+class _HostState:
+    """Host-side bookkeeping for one `generate` call, as numpy arrays indexed by slot."""
+
+    def __init__(
+        self,
+        requests: Sequence[GenerationRequest],
+        num_slots: int,
+        max_seq_len: int,
+        stop_ids: Iterable[int],
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> None:
+        self.requests, self.max_seq_len, self.tokenizer = requests, max_seq_len, tokenizer
+        self.req = np.full(num_slots, -1, dtype=np.int64)  # request index per slot; -1 = free
+        self.prompt_len = np.zeros(num_slots, dtype=np.int64)
+        self.n_gen = np.zeros(num_slots, dtype=np.int64)
+        self.max_new = np.zeros(num_slots, dtype=np.int64)
+        self.greedy = np.ones(num_slots, dtype=bool)
+        self.want_lp = np.zeros(num_slots, dtype=bool)
+        self.has_stop_strings = np.zeros(num_slots, dtype=bool)
+        width = max([len(r.sampling.stop_token_ids) for r in requests] + [1])
+        self.extra_stop = np.full((num_slots, width), -1, dtype=np.int64)  # per-request stop ids, -1 padded
+        self.global_stop = np.asarray(sorted(stop_ids), dtype=np.int64)
+        self.out = np.zeros((num_slots, max_seq_len), dtype=np.int64)  # generated tokens per slot
+
+    def free_slots(self) -> list[int]:
+        return np.flatnonzero(self.req < 0).tolist()
+
+    def any_active(self) -> bool:
+        return bool((self.req >= 0).any())
+
+    def extent(self) -> int:
+        """Decode covers slots [0, extent): just past the highest active slot."""
+        return int(np.flatnonzero(self.req >= 0)[-1]) + 1
+
+    def max_total_len(self, b: int) -> int:
+        """Longest prompt + generated length among active slots < b (= positions the next step attends)."""
+        active = self.req[:b] >= 0
+        return int((self.prompt_len[:b] + self.n_gen[:b])[active].max())
+
+    def all_greedy(self, rows: np.ndarray) -> bool:
+        return bool(self.greedy[rows][self.req[rows] >= 0].all())
+
+    def wants_logprobs(self, rows: np.ndarray) -> bool:
+        return bool(self.want_lp[rows][self.req[rows] >= 0].any())
+
+    def assign(self, slot: int, request: int) -> None:
+        r = self.requests[request]
+        self.req[slot], self.prompt_len[slot], self.n_gen[slot] = request, len(r.prompt_ids), 0
+        self.max_new[slot] = r.sampling.max_new_tokens
+        self.greedy[slot] = r.sampling.temperature == 0
+        self.want_lp[slot] = r.sampling.return_logprobs
+        self.has_stop_strings[slot] = bool(r.sampling.stop_strings)
+        self.extra_stop[slot] = -1
+        self.extra_stop[slot, : len(r.sampling.stop_token_ids)] = r.sampling.stop_token_ids
+
+    def record(self, slots: np.ndarray, tokens: np.ndarray) -> list[_Finished]:
+        """Append one new token per active slot; return (and free) the slots that finished."""
+        active = self.req[slots] >= 0
+        slots, tokens = slots[active], tokens[active]
+        self.out[slots, self.n_gen[slots]] = tokens
+        self.n_gen[slots] += 1
+        n = self.n_gen[slots]
+        hit_stop = np.isin(tokens, self.global_stop) | (self.extra_stop[slots] == tokens[:, None]).any(axis=1)
+        too_long = (n >= self.max_new[slots]) | (self.prompt_len[slots] + n >= self.max_seq_len)
+        candidates = hit_stop | too_long | self.has_stop_strings[slots]
+        finished = []
+        for slot, stop, long in zip(slots[candidates], hit_stop[candidates], too_long[candidates]):
+            stop_text = self._stop_string(slot) if self.has_stop_strings[slot] and not stop else None
+            if stop or stop_text is not None:
+                finished.append(self._release(int(slot), "stop", stop_text))
+            elif long:
+                finished.append(self._release(int(slot), "length", None))
+        return finished
+
+    def _stop_string(self, slot: int) -> str | None:
+        """The stop string that the newest token completed, if any. Checked every step, so only a window
+        ending at the newest token needs decoding: a string of n UTF-8 bytes spans at most n tokens (every
+        token carries >= 1 byte); two extra tokens absorb tokenizers' word-start handling at the edge."""
+        strings = self.requests[self.req[slot]].sampling.stop_strings
+        n = self.n_gen[slot]
+        window = max(len(s.encode("utf-8")) for s in strings) + 2
+        text = self.tokenizer.decode(self.out[slot, max(0, n - window) : n].tolist())
+        hits = [(text.find(s), s) for s in strings if s in text]
+        return min(hits)[1] if hits else None
+
+    def _release(self, slot: int, reason: FinishReason, stop_text: str | None) -> _Finished:
+        request = int(self.req[slot])
+        tokens = self.out[slot, : self.n_gen[slot]].tolist()
+        self.req[slot] = -1
+        return _Finished(slot, request, tokens, reason, stop_text, bool(self.want_lp[slot]))
+
+
+# ----------------------------------------------------------------------------------- module helpers
+
+
+def _chunks_by_tokens(items: Sequence, lengths: Sequence[int], budget: int) -> list[list]:
+    """Split `items` (in order) into consecutive groups whose padded size (count * max length) fits the
+    budget; an item longer than the budget gets a group of its own."""
+    chunks: list[list] = []
+    current: list = []
+    longest = 0
+    for item, n in zip(items, lengths):
+        if current and (len(current) + 1) * max(longest, n) > budget:
+            chunks.append(current)
+            current, longest = [], 0
+        current.append(item)
+        longest = max(longest, n)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / s for s in shards]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def _as_ids(value: int | Sequence[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(v) for v in value]
+
+
+def _engine_stop_ids(model_dir: Path, config, tokenizer) -> set[int]:
+    """EOS ids from config.json, generation_config.json (often the chat end-of-turn ids) and the tokenizer."""
+    ids = set(_as_ids(getattr(config, "eos_token_id", None)))
+    generation_config = model_dir / "generation_config.json"
+    if generation_config.exists():
+        ids |= set(_as_ids(json.loads(generation_config.read_text()).get("eos_token_id")))
+    ids |= set(_as_ids(tokenizer.eos_token_id))
+    return ids
