@@ -6,6 +6,8 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch
+
 from .engines import make_engine
 from .engines.protocol import GenerationRequest, GenerationResult, WeightBucket
 
@@ -24,8 +26,6 @@ class EngineSpec:
 class EngineHost:
     def __init__(self, spec: EngineSpec, weight_version: int = 0):
         if spec.device == "cpu":
-            import torch
-
             torch.set_num_threads(spec.torch_threads)
         self.engine = make_engine(spec.kind, spec.model_dir, device=spec.device, dtype=spec.dtype,
                                   max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
@@ -38,6 +38,13 @@ class EngineHost:
 
     def weight_version(self) -> int:
         return self.engine.weight_version
+
+    def weight_digest(self) -> dict[str, str]:
+        """SHA-1 of every parameter's bytes under Hugging Face names: lets a caller verify a refit."""
+        import hashlib
+
+        return {name: hashlib.sha1(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+                for name, t in self.engine.named_parameters_hf().items()}
 
     def _generate(self, requests: list[GenerationRequest]) -> tuple[list[GenerationResult], float]:
         start = time.perf_counter()

@@ -80,6 +80,13 @@ class LearnerWorker:
         """Put each weight bucket in the object store once; replicas read it zero-copy."""
         return [ray.put(b) for b in self.backend.export_buckets(bucket_bytes)]
 
+    def weight_digest(self) -> dict[str, str]:
+        """SHA-1 of every exported parameter's bytes (the same digest engines report after a refit)."""
+        import hashlib
+
+        return {name: hashlib.sha1(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+                for name, t in self.backend.named_weights()}
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -124,6 +131,9 @@ class LearnerGroup:
 
     def export_bucket_refs(self, bucket_bytes: int) -> list:
         return ray.get(self.workers[0].export_bucket_refs.remote(bucket_bytes))
+
+    def weight_digest(self) -> dict[str, str]:
+        return ray.get(self.workers[0].weight_digest.remote())
 
     def shutdown(self) -> None:
         for w in self.workers:

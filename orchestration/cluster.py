@@ -15,13 +15,15 @@ from learner.group import LearnerGroup, LearnerSpec
 from .config import ClusterConfig
 
 
-def connect(cluster: ClusterConfig) -> None:
-    """Start a local cluster (cluster.address empty) or join an existing one ("auto" or host:port)."""
+def connect(cluster: ClusterConfig) -> bool:
+    """Start a local cluster (cluster.address empty) or join an existing one ("auto" or host:port).
+
+    Returns True when this call initialised Ray (so the caller shuts it down again)."""
     if ray.is_initialized():
-        return
+        return False
     if cluster.address:
         ray.init(address=cluster.address, log_to_driver=True)
-        return
+        return True
     # A local cluster stays on loopback and sends no usage statistics.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -30,6 +32,7 @@ def connect(cluster: ClusterConfig) -> None:
               + cluster.learner.workers * cluster.learner.num_cpus)
     num_cpus = cluster.num_cpus if cluster.num_cpus is not None else int(-(-needed // 1))
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
 
 
 @dataclass

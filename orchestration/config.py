@@ -76,10 +76,10 @@ class OptimSchema:
 @dataclass
 class ToyConfig:
     cache_dir: str = "~/.cache/selfreward"
-    max_operand: int = 99
+    max_operand: int = 49
     train_prompts: int = 512
     val_prompts: int = 128
-    bootstrap_steps: int = 1500
+    bootstrap_steps: int = 600
     bootstrap_lr: float = 3e-3
 
 

@@ -55,23 +55,22 @@ def run(cfg: Config, log=print) -> RunResult:
                           "choose another output_dir or delete that one")
     out.mkdir(parents=True, exist_ok=True)
 
-    model_dir, train_file, val_file, evaluator_factory, toy_report = _resolve_model_and_data(cfg, log)
+    # Read the user's data first: a broken file should fail before a model is built or loaded.
+    first_sft = cfg.algorithm.first_iteration_sft
+    train = _open(cfg.data.train_file, cfg, require_answer=first_sft, log=log)
+    val = _open(cfg.data.val_file, cfg, require_answer=True, log=log)
+    model_dir, toy_files, evaluator_factory, toy_report = _resolve_model(cfg, log)
+    if train is None:
+        train = _open(toy_files[0], cfg, require_answer=first_sft, log=log)
+    if val is None and toy_files:
+        val = _open(toy_files[1], cfg, require_answer=True, log=log)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     renderer = ChatRenderer(tokenizer, cfg.data.chat_template)
-    first_sft = cfg.algorithm.first_iteration_sft
-    train = JsonlDataset(train_file, on_bad_line=cfg.data.on_bad_line, require_answer=first_sft)
-    val = JsonlDataset(val_file, on_bad_line=cfg.data.on_bad_line, require_answer=True) if val_file else None
-    for ds in filter(None, (train, val)):
-        if ds.num_bad_lines:
-            log(f"[data] {ds.path}: skipped {ds.num_bad_lines} bad lines (data.on_bad_line=skip); first: "
-                f"line {ds.bad_lines[0][0]}: {ds.bad_lines[0][1]}")
-    if len(train) == 0:
-        raise ConfigError(f"data.train_file={str(train_file)!r} holds no usable conversation")
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
-    connect(cfg.cluster)
+    started_ray = connect(cfg.cluster)
     metrics = MetricsLogger(out, cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.name,
                             OmegaConf.to_container(OmegaConf.structured(cfg)))
     pools = None
@@ -85,14 +84,15 @@ def run(cfg: Config, log=print) -> RunResult:
         ctx = RunContext(tokenizer, renderer, train, val, metrics, cfg.data.max_prompt_length,
                          cfg.data.on_long_prompt, evaluator=evaluator_factory(renderer) if evaluator_factory else None,
                          log=log)
-        summaries = SelfRewarding(cfg, ctx, pools).run()
+        algorithm = SelfRewarding(cfg, ctx, pools)
+        summaries = algorithm.run()
         if ctx.long_prompts:
-            metrics.log({"data/long_prompts_dropped": len(ctx.long_prompts)}, 0)
+            metrics.log({"data/long_prompts_dropped": len(ctx.long_prompts)}, algorithm.step)
     finally:
         if pools is not None:
             pools.shutdown()
         metrics.close()
-        if not cfg.cluster.address:
+        if started_ray:
             ray.shutdown()
     rows = [s.row() for s in summaries]
     seconds = time.perf_counter() - start
@@ -109,13 +109,26 @@ def _result(out: Path, rows: list[dict], seconds: float) -> RunResult:
     return RunResult(out, checkpoints, rows, out / "metrics.jsonl", seconds)
 
 
-def _resolve_model_and_data(cfg: Config, log):
-    """(model dir, train file, val file, evaluator factory, toy report) for the toy world or a real model."""
+def _open(path, cfg: Config, *, require_answer: bool, log) -> JsonlDataset | None:
+    if path is None:
+        return None
+    ds = JsonlDataset(path, on_bad_line=cfg.data.on_bad_line, require_answer=require_answer)
+    if ds.num_bad_lines:
+        line, reason = ds.bad_lines[0]
+        log(f"[data] {path}: skipped {ds.num_bad_lines} bad line(s) (data.on_bad_line=skip); first: "
+            f"line {line}: {reason}")
+    if len(ds) == 0:
+        raise ConfigError(f"{path}: no usable conversation in the file")
+    return ds
+
+
+def _resolve_model(cfg: Config, log):
+    """(model dir, toy (train, val) files or (), evaluator factory or None, toy bootstrap report or None)."""
     if cfg.model.path is not None:
         if cfg.model.name == "toy":
             raise ConfigError("model.path is set while model=toy is selected (its hyper-parameters are sized for "
                               "the toy model): add model=hf to the command line")
-        return Path(cfg.model.path).expanduser(), cfg.data.train_file, cfg.data.val_file, None, None
+        return Path(cfg.model.path).expanduser(), (), None, None
     from .toy import world as toy_world
     from .toy.evaluate import ToyEvaluator
 
@@ -126,12 +139,11 @@ def _resolve_model_and_data(cfg: Config, log):
     toy = toy_world.prepare(recipe, t.cache_dir, log)
     log(f"[toy] M1 at {toy.model_dir}: answer accuracy {toy.report['answer_accuracy']:.1%}, judge parse rate "
         f"{toy.report['judge_parse_rate']:.1%}, judge accuracy {toy.report['judge_accuracy']:.1%}")
-    val_file = cfg.data.val_file or toy.val_file
 
     def evaluator(renderer: ChatRenderer):
         return ToyEvaluator(renderer, JsonlDataset(toy.val_file))
 
-    return toy.model_dir, cfg.data.train_file or toy.train_file, val_file, evaluator, toy.report
+    return toy.model_dir, (toy.train_file, toy.val_file), evaluator, toy.report
 
 
 def _sampling(s: SamplingConfig) -> SamplingParams:

@@ -22,6 +22,8 @@ def format_table(rows: list[dict]) -> str:
     the final model."""
     header = [title for _, title, _ in COLUMNS]
     body = [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    if rows and not rows[-1].get("steps") and rows[-1].get("task_accuracy") is not None:
+        body[-1][0] = "final"
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))

@@ -12,12 +12,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cache = tmp_path_factory.mktemp("cache")
     cfg = load_config([
         f"output_dir={out}", f"model.toy.cache_dir={cache}", "logger.wandb.mode=offline",
-        "model.toy.train_prompts=96", "model.toy.val_prompts=32", "model.toy.bootstrap_steps=400",
+        "model.toy.train_prompts=96", "model.toy.val_prompts=32", "model.toy.bootstrap_steps=250",
         "algorithm.global_batch_size=8", "algorithm.micro_batch_size=4", "algorithm.rollout_batch_size=16",
         "algorithm.max_iterations=2",
     ])

@@ -197,6 +197,10 @@ class SelfRewarding:
 
     def _outcome(self, scored: ScoredPrompt, summary: IterationSummary) -> PromptOutcome:
         a = self.cfg.algorithm
+        versions = {r.weight_version for r in scored.responses} | {j.weight_version for j in scored.judgements if j}
+        if versions != {self.version}:  # inside an iteration everything must come from M_t
+            raise RuntimeError(f"prompt {scored.record.index} was served by weight versions {sorted(versions)}, "
+                               f"expected {self.version}")
         candidates = [Candidate(tuple(r.token_ids), r.finish_reason == "stop",
                                 j.mean if j else None, j.variance if j else None)
                       for r, j in zip(scored.responses, scored.judgements)]

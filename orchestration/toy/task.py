@@ -4,7 +4,10 @@ A question is "What is 47 + 385?"; the ground-truth answer is the number. The ru
 idea of the Self-Rewarding paper's judge prompt (one point per criterion met, criteria getting stricter):
   1. the reply is a number;  2. it has the right number of digits;  3. its last digit is right;
   4. its first digit is right;  5. it is exactly right.
-The judge writes one line per criterion, then "Score: <points>". Because the rubric is computable from the
+The judge first works the sum out column by column with carries (its "justification", the way a real
+judge reasons before it scores), then writes one line per criterion and "Score: <points>". Column
+addition is far easier for a small model than producing the sum in one go, so the judge can be right
+more often than the generator: the gap Self-Rewarding feeds on. Because the rubric is computable from the
 ground truth, the run can measure judge accuracy, which no real deployment can.
 """
 
@@ -55,11 +58,35 @@ def rubric_score(response: str, answer: int) -> int:
     return sum(criteria_met(response, answer))
 
 
-def judgement_text(response: str, answer: int) -> str:
-    """The judgement a perfect judge writes: one line per criterion, then the score line."""
-    met = criteria_met(response, answer)
-    lines = [f"{name}: {'yes' if ok else 'no'}" for name, ok in zip(CRITERIA, met)]
+def column_sum(a: int, b: int) -> list[str]:
+    """Column addition, lowest digit first: "7+8+0=15", "4+3+1=8", then "Sum: 85"."""
+    lines, carry, width = [], 0, max(len(str(a)), len(str(b)))
+    for i in range(width):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        total = x + y + carry
+        lines.append(f"{x}+{y}+{carry}={total}")
+        carry = total // 10
+    return lines + [f"Sum: {a + b}"]
+
+
+def judgement_text(problem: Problem, response: str) -> str:
+    """The judgement a perfect judge writes: the worked sum, each criterion with what it compared, the score.
+
+    Spelling out the compared parts ("Last: 9 vs 8 no") makes every check a copy-and-compare step.
+    """
+    text, truth = response.strip(), str(problem.answer)
+    met = criteria_met(text, problem.answer)
+    lines = column_sum(problem.a, problem.b) + [f"Number: {_yes(met[0])}"]
+    if met[0]:
+        compared = [(len(text), len(truth)), (text[-1], truth[-1]), (text[0], truth[0]), (text, truth)]
+        lines += [f"{name}: {got} vs {want} {_yes(ok)}" for name, (got, want), ok in zip(CRITERIA[1:], compared, met[1:])]
+    else:
+        lines += [f"{name}: no" for name in CRITERIA[1:]]
     return "\n".join(lines + [f"Score: {sum(met)}"])
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "no"
 
 
 def is_correct(response: str, answer: int) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import task
 
 # Bump when the code that builds the toy world changes what it produces.
-TOY_WORLD_VERSION = 1
+TOY_WORLD_VERSION = 3
 SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -33,17 +33,19 @@ class ToyRecipe:
     """Everything that decides what the toy world contains (its hash names the cache entry)."""
 
     seed: int = 1234
-    max_operand: int = 99
+    max_operand: int = 49
     train_prompts: int = 512  # prompts for the Self-Rewarding iterations
     val_prompts: int = 128  # held out: val/loss and greedy task accuracy
-    bootstrap_answers: int = 4000  # instruction examples (question -> answer)
-    bootstrap_judgements: int = 4000  # judge-format examples (judge prompt -> judgement)
+    # Few answer examples and many judge examples: M1 answers about half the questions but judges well,
+    # the gap Self-Rewarding feeds on.
+    bootstrap_answers: int = 600  # instruction examples (question -> answer)
+    bootstrap_judgements: int = 3000  # judge-format examples (judge prompt -> judgement)
     vocab_size: int = 400
     hidden_size: int = 128
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    bootstrap_steps: int = 1500
+    bootstrap_steps: int = 600
     bootstrap_batch: int = 64
     bootstrap_lr: float = 3e-3
 
@@ -99,7 +101,7 @@ def _build(recipe: ToyRecipe, root: Path, log) -> None:
     _write_jsonl(root / "val.jsonl", val)
 
     sft_pairs = [(p.question, str(p.answer)) for p in boot_answers]
-    sft_pairs += [(judge_prompt(p.question, r), task.judgement_text(r, p.answer)) for p, r in boot_judged]
+    sft_pairs += [(judge_prompt(p.question, r), task.judgement_text(p, r)) for p, r in boot_judged]
     rng.shuffle(sft_pairs)
     corpus = [q + "\n" + a for q, a in sft_pairs]
     tokenizer = build_tokenizer(corpus, recipe.vocab_size)
@@ -181,7 +183,7 @@ def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], rec
     loss_cfg = LossConfig(sft_average_log_probs=True)
     rng = random.Random(recipe.seed + 1)
     order: list[int] = []
-    bar = tqdm(range(recipe.bootstrap_steps), desc="[toy] bootstrap M0 -> M1", unit="step")
+    bar = tqdm(range(recipe.bootstrap_steps), desc="[toy] bootstrap M0 -> M1", unit="step", mininterval=1.0)
     for _ in bar:
         if len(order) < recipe.bootstrap_batch:
             order += rng.sample(range(len(samples)), len(samples))
@@ -213,7 +215,7 @@ def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log) -> dic
     accuracy = sum(task.is_correct(a, p.answer) for a, p in zip(answers, val)) / len(val)
     rng = random.Random(seed + 7)
     candidates = [task.candidate_answers(rng, p.answer) for p in val]
-    judgements = ask([judge_prompt(p.question, c) for p, c in zip(val, candidates)], 40)
+    judgements = ask([judge_prompt(p.question, c) for p, c in zip(val, candidates)], 96)
     scores = [parse_score(j) for j in judgements]
     parsed = [(s, task.rubric_score(c, p.answer)) for s, c, p in zip(scores, candidates, val) if s is not None]
     report = {

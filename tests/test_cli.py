@@ -1,0 +1,48 @@
+"""Start-up errors through the command line: one clear message, exit code 2, before any model is built."""
+
+import json
+
+from orchestration.config import ConfigError, load_config
+from orchestration.main import main
+
+
+def test_broken_jsonl_line_stops_with_file_and_line(tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    data.write_text(good + "\n" + good + "\n{not json\n")
+    code = main([f"data.train_file={data}", f"output_dir={tmp_path / 'out'}",
+                 f"model.toy.cache_dir={tmp_path / 'never_built'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3:" in err
+    assert not (tmp_path / "never_built").exists()  # failed before the toy world was built
+
+
+def test_unknown_and_ill_typed_keys_are_named(capsys):
+    assert main(["algorithm.num_responses=4"]) == 2
+    assert "unknown configuration key 'algorithm.num_responses'" in capsys.readouterr().err
+    assert main(["algorithm.max_steps=many"]) == 2
+    assert "algorithm.max_steps" in capsys.readouterr().err
+
+
+def test_semantic_checks_name_the_key():
+    for overrides, key in [
+        (["algorithm.preference_loss_weight=0", "algorithm.sft_loss_weight=0"], "preference_loss_weight"),
+        (["algorithm.global_batch_size=10", "algorithm.micro_batch_size=4"], "global_batch_size"),
+        (["data.on_bad_line=ignore"], "data.on_bad_line"),
+        (["logger.wandb.mode=loud"], "logger.wandb.mode"),
+        (["cluster.learner.workers=0"], "cluster.learner.workers"),
+    ]:
+        try:
+            load_config(overrides)
+        except ConfigError as e:
+            assert key in str(e), (overrides, str(e))
+        else:
+            raise AssertionError(f"{overrides} was accepted")
+
+
+def test_defaults_are_the_toy_world():
+    cfg = load_config([])
+    assert cfg.algorithm.name == "self_rewarding" and cfg.model.name == "toy" and cfg.model.path is None
+    assert cfg.cluster.address == "" and cfg.cluster.learner.workers == 2
+    assert cfg.cluster.generators.replicas == 1 and cfg.cluster.judges.replicas == 1

@@ -1,0 +1,76 @@
+"""The toy world: rubric, judgement format, tokenizer/chat template, and engine parity on the toy model."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from actors.engines.protocol import GenerationRequest, SamplingParams
+from actors.engines.torch_engine import TorchEngine
+from actors.judge import parse_score
+from orchestration.toy import task, world
+
+
+def test_rubric_is_additive_and_checks_each_criterion():
+    assert task.rubric_score("85", 85) == 5
+    assert task.rubric_score("95", 85) == 3  # first digit wrong, so not exact either
+    assert task.rubric_score("86", 85) == 3  # last digit wrong, so not exact either
+    assert task.rubric_score("8", 85) == 2  # a number with the right first digit only
+    assert task.rubric_score("185", 85) == 2  # wrong length, last digit right, first digit wrong
+    assert task.rubric_score("no idea", 85) == 0
+    assert task.rubric_score(" 85 ", 85) == 5
+
+
+def test_column_sum_works_the_carries():
+    assert task.column_sum(47, 38) == ["7+8+0=15", "4+3+1=8", "Sum: 85"]
+    assert task.column_sum(5, 95) == ["5+5+0=10", "0+9+1=10", "Sum: 100"]
+
+
+def test_perfect_judgement_parses_to_the_rubric_score():
+    rng = random.Random(0)
+    for _ in range(200):
+        p = task.sample_problem(rng, 99)
+        answer = task.candidate_answers(rng, p.answer)
+        assert parse_score(task.judgement_text(p, answer)) == task.rubric_score(answer, p.answer)
+
+
+@pytest.fixture(scope="module")
+def toy_m0(tmp_path_factory):
+    """The toy tokenizer and an untrained toy model (the bootstrap's starting point)."""
+    rng = random.Random(1)
+    corpus = []
+    for _ in range(300):
+        p = task.sample_problem(rng, 99)
+        c = task.candidate_answers(rng, p.answer)
+        corpus += [p.question + "\n" + str(p.answer), world.judge_prompt(p.question, c) + "\n" + task.judgement_text(p, c)]
+    tokenizer = world.build_tokenizer(corpus, vocab_size=300)
+    path = tmp_path_factory.mktemp("toy_m0")
+    world.save_initial_model(tokenizer, world.ToyRecipe(hidden_size=64, layers=2), path)
+    return path
+
+
+def test_toy_tokenizer_round_trips_and_renders_the_chat_template(toy_m0):
+    tok = AutoTokenizer.from_pretrained(toy_m0)
+    text = "What is 47 + 385?"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|user|>What is 47 + 385?<|end|><|assistant|>"
+    assert tok.convert_ids_to_tokens(tok.encode("<|end|>", add_special_tokens=False)) == ["<|end|>"]
+    digits = tok.convert_ids_to_tokens(tok.encode("385", add_special_tokens=False))
+    assert len(digits) == 3  # digits are always split
+
+
+def test_engine_greedy_equals_transformers_on_the_toy_model(toy_m0):
+    tok = AutoTokenizer.from_pretrained(toy_m0)
+    model = AutoModelForCausalLM.from_pretrained(toy_m0).eval()
+    engine = TorchEngine(str(toy_m0), max_batch_size=4)
+    questions = ["What is 1 + 2?", "Add 47 and 38.", "Compute 99 + 99.", "12 + 7 = ?", "What is 5 + 60?"]
+    prompts = [world._prompt_ids(tok, q) for q in questions]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    results = engine.generate([GenerationRequest(p, greedy) for p in prompts])
+    for prompt, result in zip(prompts, results):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        assert result.token_ids == out[0, len(prompt):].tolist()
