@@ -1,9 +1,7 @@
-"""What generator and judge actors share: an engine, versioned weight loads, and busy-time accounting."""
+"""What generator and judge actors share: an engine and versioned weight loads."""
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -46,10 +44,5 @@ class EngineHost:
         return {name: hashlib.sha1(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
                 for name, t in self.engine.named_parameters_hf().items()}
 
-    def _generate(self, requests: list[GenerationRequest]) -> tuple[list[GenerationResult], float]:
-        start = time.perf_counter()
-        results = self.engine.generate(requests)
-        return results, time.perf_counter() - start
-
-    def pid(self) -> int:
-        return os.getpid()
+    def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        return self.engine.generate(requests) if requests else []

@@ -11,10 +11,8 @@ from .engines.protocol import GenerationRequest, GenerationResult
 @dataclass
 class GenerationBatch:
     results: list[GenerationResult]  # in request order
-    seconds: float  # engine busy time, for pool throughput
 
 
 class GeneratorActor(EngineHost):
     def generate(self, requests: list[GenerationRequest]) -> GenerationBatch:
-        results, seconds = self._generate(requests)
-        return GenerationBatch(results, seconds)
+        return GenerationBatch(self._generate(requests))

@@ -81,7 +81,6 @@ class Judgement:
 class JudgeBatch:
     judgements: list[Judgement]
     generated_tokens: int
-    seconds: float
 
 
 class JudgeActor(EngineHost):
@@ -112,11 +111,11 @@ class JudgeActor(EngineHost):
             for seed in item.seeds:
                 requests.append(GenerationRequest(ids, self.spec.sampling, seed))
                 owners.append(i)
-        results, seconds = self._generate(requests) if requests else ([], 0.0)
+        results = self._generate(requests)
         for owner, result in zip(owners, results):
             text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
             j = judgements[owner]
             j.texts.append(text)
             j.scores.append(parse_score(text, self.spec.reward_regex, self.spec.score_low, self.spec.score_high))
             j.weight_version = result.weight_version
-        return JudgeBatch(judgements, sum(len(r.token_ids) for r in results), seconds)
+        return JudgeBatch(judgements, sum(len(r.token_ids) for r in results))

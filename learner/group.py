@@ -6,7 +6,6 @@ contiguous shares, every rank steps together, and rank 0 is the source of saves 
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,9 +85,6 @@ class LearnerWorker:
 
         return {name: hashlib.sha1(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
                 for name, t in self.backend.named_weights()}
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 class LearnerGroup:

@@ -81,7 +81,7 @@ def run(cfg: Config, log=print) -> RunResult:
         for ds, name in ((train, "train"), (val, "val")):
             if ds is not None and ds.num_bad_lines:
                 metrics.log({f"data/{name}_bad_lines": ds.num_bad_lines}, 0)
-        ctx = RunContext(tokenizer, renderer, train, val, metrics, cfg.data.max_prompt_length,
+        ctx = RunContext(tokenizer, renderer, train, val, metrics, _max_prompt_length(cfg, model_dir),
                          cfg.data.on_long_prompt, evaluator=evaluator_factory(renderer) if evaluator_factory else None,
                          log=log)
         algorithm = SelfRewarding(cfg, ctx, pools)
@@ -102,6 +102,15 @@ def run(cfg: Config, log=print) -> RunResult:
     marker.write_text(json.dumps({"iterations": rows, "seconds": seconds}, indent=2))
     log(f"[run] finished in {seconds:.0f}s; outputs in {out}")
     return _result(out, rows, seconds)
+
+
+def _max_prompt_length(cfg: Config, model_dir: Path) -> int:
+    """data.max_prompt_length, never more than the engines can take (context minus one new token)."""
+    from transformers import AutoConfig
+
+    context = cfg.model.max_seq_len or min(AutoConfig.from_pretrained(model_dir).max_position_embeddings, 4096)
+    limit = context - 1
+    return min(limit, cfg.data.max_prompt_length) if cfg.data.max_prompt_length else limit
 
 
 def _result(out: Path, rows: list[dict], seconds: float) -> RunResult:

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from .. import losses
 from ..export import DEFAULT_BUCKET_BYTES, pack_buckets
@@ -35,6 +36,7 @@ class TorchBackend:
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
                  rank: int = 0, world_size: int = 1, seed: int = 0):
         torch.manual_seed(seed)
+        hf_logging.disable_progress_bar()  # per-load bars from every worker would drown the step lines
         self.model_dir = model_dir
         self.optim_cfg = optim
         self.device = torch.device(device)

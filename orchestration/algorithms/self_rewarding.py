@@ -54,6 +54,7 @@ class IterationSummary:
             "rejected_score": fmean(self.rejected_scores) if self.rejected_scores else None,
             "bad_sample_rate": s.bad_samples / s.prompts if s.prompts else None,
             "pairs_trained": self.pairs_trained,
+            "unused_pairs": self.unused_pairs,
             "steps": self.steps,
             "pairs_per_s": self.pairs_trained / self.seconds if self.seconds else None,
             "val_loss": self.val_loss,
@@ -149,6 +150,7 @@ class SelfRewarding:
                     in_training = None
         leftover = batcher.drain()
         summary.unused_pairs = sum(o.sample is not None for o in leftover)
+        self.ctx.metrics.log({"train/unused_pairs": summary.unused_pairs, "train/iteration": it}, self.step)
         if summary.unused_pairs:
             self.ctx.log(f"[iteration {it}] {summary.unused_pairs} pairs left over (fewer than "
                          f"global_batch_size={a.global_batch_size}) are not trained on")
