@@ -55,6 +55,7 @@ class JudgeItem:
     prompt: str  # the prompt's user-facing text
     response: str  # the response text without its end marker
     seeds: tuple[int, ...]  # one per judgement; len(seeds) = k
+    last_turn: str | None = None  # the last user turn alone: the fallback when the prompt does not fit
 
 
 @dataclass
@@ -62,7 +63,9 @@ class Judgement:
     scores: list[float | None]  # one per judgement; None = no valid score
     texts: list[str] = field(repr=False)
     weight_version: int = -1
-    too_long: bool = False  # the judge prompt does not fit the judge's context
+    shortened: bool = False  # only the last user turn was shown (the whole prompt did not fit)
+    trimmed: bool = False  # the response was cut from the end to fit
+    too_long: bool = False  # even so it could not fit: no scores
 
     @property
     def valid(self) -> list[float]:
@@ -98,14 +101,40 @@ class JudgeActor(EngineHost):
                                                   add_generation_prompt=True, chat_template=self.spec.chat_template)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def fit(self, item: JudgeItem, judgement: Judgement) -> list[int] | None:
+        """Judge prompt tokens within the context, shortening as SPEC 3 allows; None if it cannot fit.
+
+        First the whole prompt; then only its last user turn; then the response cut from the end. The
+        response is never cut to nothing: a response that cannot fit gets no judgement at all.
+        """
+        budget = self.max_seq_len - self.spec.sampling.max_new_tokens
+        prompt = item.prompt
+        ids = self.prompt_ids(prompt, item.response)
+        if len(ids) <= budget:
+            return ids
+        if item.last_turn and item.last_turn != prompt:
+            prompt = item.last_turn
+            judgement.shortened = True
+            ids = self.prompt_ids(prompt, item.response)
+            if len(ids) <= budget:
+                return ids
+        response_ids = self.tokenizer.encode(item.response, add_special_tokens=False)
+        keep = len(response_ids) - (len(ids) - budget)
+        while keep > 0:
+            judgement.trimmed = True
+            ids = self.prompt_ids(prompt, self.tokenizer.decode(response_ids[:keep]))
+            if len(ids) <= budget:
+                return ids
+            keep -= len(ids) - budget  # re-tokenising at the cut can shift a token or two
+        judgement.too_long = True
+        return None
+
     def judge(self, items: Sequence[JudgeItem]) -> JudgeBatch:
         requests, owners = [], []
         judgements = [Judgement([], [], self.engine.weight_version) for _ in items]
-        budget = self.max_seq_len - self.spec.sampling.max_new_tokens
         for i, item in enumerate(items):
-            ids = self.prompt_ids(item.prompt, item.response)
-            if len(ids) > budget:
-                judgements[i].too_long = True
+            ids = self.fit(item, judgements[i])
+            if ids is None:
                 judgements[i].scores = [None] * len(item.seeds)
                 continue
             for seed in item.seeds:

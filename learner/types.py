@@ -27,6 +27,7 @@ class LossConfig:
     sft_loss_weight: float = 0.0
     preference_average_log_probs: bool = False
     sft_average_log_probs: bool = False
+    gt_reward_scale: float = 1.0  # eta: scales the judge-score gap in the rpo_* losses
 
 
 @dataclass(frozen=True)

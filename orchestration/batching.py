@@ -22,6 +22,10 @@ class OutcomeStats:
     unended: int = 0
     judgements: int = 0
     valid_judgements: int = 0
+    judged_responses: int = 0  # responses sent to the judge (those that ended properly)
+    judge_shortened: int = 0  # judged on the last user turn only
+    judge_trimmed: int = 0  # response cut from the end to fit the judge
+    judge_too_long: int = 0  # could not fit the judge at all: no scores
     judge_checked: int = 0  # judgements whose score could be checked against ground truth (toy world)
     judge_correct: int = 0
 

@@ -39,14 +39,21 @@ class AlgorithmConfig:
     max_steps: int = -1  # total optimizer steps over all iterations; -1 = no cap
     global_batch_size: int = 64
     micro_batch_size: int = 1
-    ref_policy_kl_penalty: float = 0.1
+    ref_policy_kl_penalty: Any = 0.1  # beta: a number, or one per iteration
     preference_loss: str = "dpo"
     preference_average_log_probs: bool = False
     sft_average_log_probs: bool = False
+    gt_reward_scale: float = 1.0  # eta of the rpo_* losses
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
     first_iteration_sft: bool = False
-    length_control: float = 0.0
+    length_control: Any = 0.0  # rho: a number, or one per iteration
+    limit_train_batches: Any = 1.0  # per epoch: a fraction (float) of the prompts, or a count (int) of GBS-sized prompt batches
+    limit_val_batches: Any = 1.0  # the same for the validation set
+    val_check_interval: int = -1  # validate every N steps (and always at iteration ends); -1 = only there
+    save_interval: int = -1  # checkpoint every N steps (and always at iteration ends); -1 = only there
+    reset_optimizer_each_iteration: bool = False
+    normalise_prompt: bool = False  # judges see multi-turn prompts as plain "User: / Assistant:" turns
     rollout_batch_size: int = 16  # prompts per generation call to one replica
     max_prompts_ahead: int = 256  # prompts in flight ahead of the learner (bounds buffered pairs)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -162,7 +169,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ALGORITHMS = ("self_rewarding",)
 CHOICES = {
     "algorithm.name": ALGORITHMS,
-    "algorithm.preference_loss": ("dpo",),
+    "algorithm.preference_loss": ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "scale"),
     "data.on_bad_line": ("error", "skip"),
     "data.on_long_prompt": ("drop", "truncate_left"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
@@ -238,10 +245,13 @@ def validate(cfg: Config) -> None:
             f"algorithm.micro_batch_size * cluster.learner.workers = {a.micro_batch_size} * {workers}")
     if a.preference_loss_weight == 0 and a.sft_loss_weight == 0:
         raise ConfigError("algorithm.preference_loss_weight and algorithm.sft_loss_weight are both 0: nothing to train")
-    if a.ref_policy_kl_penalty <= 0:
-        raise ConfigError(f"algorithm.ref_policy_kl_penalty must be > 0, got {a.ref_policy_kl_penalty}")
-    if not 0 <= a.length_control < 1:
-        raise ConfigError(f"algorithm.length_control must be in [0, 1), got {a.length_control}")
+    _check_per_iteration("ref_policy_kl_penalty", a.ref_policy_kl_penalty, a.max_iterations, lambda v: v > 0, "> 0")
+    _check_per_iteration("length_control", a.length_control, a.max_iterations, lambda v: 0 <= v < 1, "in [0, 1)")
+    for key in ("limit_train_batches", "limit_val_batches"):
+        _check_limit(key, getattr(a, key))
+    for key in ("val_check_interval", "save_interval"):
+        if getattr(a, key) < 1 and getattr(a, key) != -1:
+            raise ConfigError(f"algorithm.{key} must be -1 (iteration ends only) or >= 1, got {getattr(a, key)}")
     for pool in ("generators", "judges"):
         if getattr(cfg.cluster, pool).replicas < 1:
             raise ConfigError(f"cluster.{pool}.replicas must be >= 1")
@@ -253,6 +263,41 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face checkpoint directory (no config.json)")
     if cfg.model.path is not None and cfg.data.train_file is None:
         raise ConfigError("data.train_file is required with model.path (the toy data only fits the toy model)")
+
+
+def per_iteration(value: Any, iteration: int) -> float:
+    """The value of a per-iteration knob (a number, or a list with one entry per iteration)."""
+    return float(value[iteration]) if isinstance(value, (list, tuple)) else float(value)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_per_iteration(key: str, value: Any, iterations: int, ok, wanted: str) -> None:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if isinstance(value, (list, tuple)) and len(values) < iterations:
+        raise ConfigError(f"algorithm.{key} has {len(values)} value(s) {values} but algorithm.max_iterations="
+                          f"{iterations}: give one per iteration, or a single number")
+    for v in values:
+        if not _is_number(v) or not ok(v):
+            raise ConfigError(f"algorithm.{key} must be a number {wanted} or a list of them, got {value!r}")
+
+
+def _check_limit(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not _is_number(value):
+        raise ConfigError(f"algorithm.{key} must be a fraction (float in (0, 1]) or a count (int >= 1), got {value!r}")
+    if isinstance(value, float) and not 0 < value <= 1:
+        raise ConfigError(f"algorithm.{key}={value} as a fraction must be in (0, 1]")
+    if isinstance(value, int) and value < 1:
+        raise ConfigError(f"algorithm.{key}={value} as a count must be >= 1")
+
+
+def limited(count: int, limit: Any, batch: int) -> int:
+    """How many of `count` items a limit keeps: a fraction of them, or `limit` batches of `batch` items."""
+    if isinstance(limit, float):
+        return max(1, round(count * limit)) if count else 0
+    return min(count, limit * batch)
 
 
 def _get(cfg: Config, dotted: str):

@@ -27,6 +27,7 @@ class RunContext:
     metrics: MetricsLogger
     max_prompt_length: int | None
     on_long_prompt: str
+    normalise_prompt: bool = False
     evaluator: Evaluator | None = None
     log: Callable[[str], None] = print
     long_prompts: set = field(default_factory=set)  # (file, line) of prompts dropped as too long
@@ -44,4 +45,8 @@ class RunContext:
         return encoded
 
     def user_text(self, prompt_messages) -> str:
-        return ChatRenderer.user_text(prompt_messages)
+        return ChatRenderer.user_text(prompt_messages, self.normalise_prompt)
+
+    @staticmethod
+    def last_user_text(prompt_messages) -> str:
+        return next(m.content for m in reversed(prompt_messages) if m.role == "user")

@@ -82,7 +82,7 @@ def run(cfg: Config, log=print) -> RunResult:
             if ds is not None and ds.num_bad_lines:
                 metrics.log({f"data/{name}_bad_lines": ds.num_bad_lines}, 0)
         ctx = RunContext(tokenizer, renderer, train, val, metrics, _max_prompt_length(cfg, model_dir),
-                         cfg.data.on_long_prompt, evaluator=evaluator_factory(renderer) if evaluator_factory else None,
+                         cfg.data.on_long_prompt, normalise_prompt=cfg.algorithm.normalise_prompt, evaluator=evaluator_factory(renderer) if evaluator_factory else None,
                          log=log)
         algorithm = SelfRewarding(cfg, ctx, pools)
         summaries = algorithm.run()

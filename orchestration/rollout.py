@@ -31,6 +31,7 @@ class PromptRecord:
     epoch: int
     prompt_ids: list[int]
     user_text: str  # what the judge sees as the prompt
+    last_user_text: str  # the judge's fallback when the whole prompt does not fit
     metadata: dict
 
 
@@ -147,7 +148,7 @@ class RolloutPipeline:
                 if resp.finish_reason == "stop":
                     seeds = tuple(derive_seed(self.seed, self.iteration, record.epoch, record.index, j, e, "judge")
                                   for e in range(self.k))
-                    items.append(JudgeItem(record.user_text, text, seeds))
+                    items.append(JudgeItem(record.user_text, text, seeds, record.last_user_text))
         replica = self.judges[self._judge_calls % len(self.judges)]
         self._judge_calls += 1
         chunk.judge_ref = replica.judge.remote(items)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from orchestration.config import ConfigError, load_config
 from orchestration.main import main
 
@@ -46,3 +48,23 @@ def test_defaults_are_the_toy_world():
     assert cfg.algorithm.name == "self_rewarding" and cfg.model.name == "toy" and cfg.model.path is None
     assert cfg.cluster.address == "" and cfg.cluster.learner.workers == 2
     assert cfg.cluster.generators.replicas == 1 and cfg.cluster.judges.replicas == 1
+
+
+def test_per_iteration_lists_and_limits():
+    from orchestration.config import limited, per_iteration
+
+    cfg = load_config(["algorithm.length_control=[0,0.3]", "algorithm.ref_policy_kl_penalty=[0.1,0.5]",
+                       "algorithm.max_iterations=2"])
+    assert [per_iteration(cfg.algorithm.length_control, t) for t in (0, 1)] == [0.0, 0.3]
+    assert per_iteration(cfg.algorithm.ref_policy_kl_penalty, 1) == 0.5
+    for overrides, key in [
+        (["algorithm.max_iterations=3", "algorithm.length_control=[0,0.1]"], "algorithm.length_control"),
+        (["algorithm.max_iterations=3", "algorithm.ref_policy_kl_penalty=[0.1]"], "algorithm.ref_policy_kl_penalty"),
+        (["algorithm.preference_loss=kto"], "algorithm.preference_loss"),
+        (["algorithm.limit_train_batches=1.5"], "algorithm.limit_train_batches"),
+        (["algorithm.limit_val_batches=0"], "algorithm.limit_val_batches"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(overrides)
+    assert limited(100, 1.0, 16) == 100 and limited(100, 0.25, 16) == 25
+    assert limited(100, 2, 16) == 32 and limited(100, 10, 16) == 100

@@ -99,7 +99,11 @@ class TorchBackend:
                 ref_logp = self._token_logprobs(self.reference, batch)
             ratio = losses.reduce_sequence(token_logp - ref_logp, batch["mask"], cfg.preference_average_log_probs)
             l_chosen, l_rejected = ratio[:n], ratio[n:]
-            pref = losses.preference_loss(cfg.preference_loss, l_chosen - l_rejected, cfg.beta)
+            gap = None
+            if all(s.chosen_score is not None and s.rejected_score is not None for s in chunk):
+                gap = torch.tensor([s.chosen_score - s.rejected_score for s in chunk], device=self.device)
+            pref = losses.preference_loss(cfg.preference_loss, l_chosen - l_rejected, cfg.beta, gap,
+                                          cfg.gt_reward_scale)
             total = cfg.preference_loss_weight * pref + cfg.sft_loss_weight * sft
             r_c, r_r = (cfg.beta * l_chosen).detach(), (cfg.beta * l_rejected).detach()
             stats[2] = pref.detach().sum()

@@ -21,12 +21,14 @@ from learner.types import LossConfig, TrainSample
 
 from ..batching import Batch, GlobalBatcher, OutcomeStats, PromptOutcome
 from ..cluster import Pools, refit
-from ..config import Config
+from ..config import Config, limited, per_iteration
 from ..context import RunContext
 from ..pairs import Candidate, select_pair
 from ..rollout import PromptRecord, RolloutPipeline, ScoredPrompt
 
 BUCKET_BYTES = 256 << 20
+GENERATION_TABLE_COLUMNS = ("step", "prompt", "chosen", "rejected", "chosen_score", "rejected_score")
+GENERATION_TABLE_ROWS = 4  # pairs of the latest batch shown at each validation
 
 
 @dataclass
@@ -73,6 +75,8 @@ class SelfRewarding:
         self.consumed = 0  # pairs (or SFT samples) trained on over the whole run
         self.version = 0  # weight version the pools serve
         self.summaries: list[IterationSummary] = []
+        self._last_batch: Batch | None = None  # for the generations table
+        self._validated_at, self._val_loss = -1, None
 
     # ---- the run -------------------------------------------------------------------------------------
 
@@ -81,6 +85,7 @@ class SelfRewarding:
         for it in range(a.max_iterations):
             summary = IterationSummary(it)
             self.summaries.append(summary)
+            self._last_batch = None
             if self.ctx.evaluator is not None:
                 summary.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generators)
             start = time.perf_counter()
@@ -89,7 +94,7 @@ class SelfRewarding:
             else:
                 self._preference_iteration(summary)
             summary.seconds = time.perf_counter() - start
-            summary.val_loss = self._validate()
+            summary.val_loss = self._validate(self._last_batch)
             path = Path(self.cfg.output_dir) / "checkpoints" / f"iter_{it}"
             self.pools.learner.save(str(path))
             summary.checkpoint = str(path)
@@ -97,6 +102,8 @@ class SelfRewarding:
                          f"checkpoint {path}")
             # Iteration boundary: M_{t+1} becomes the reference and what the pools serve.
             self.pools.learner.update_reference()
+            if a.reset_optimizer_each_iteration:
+                self.pools.learner.reset_optimizer()
             self.version += 1
             refit(self.pools, self.version, BUCKET_BYTES)
             if self._steps_exhausted():
@@ -113,7 +120,8 @@ class SelfRewarding:
     def _preference_iteration(self, summary: IterationSummary) -> None:
         a = self.cfg.algorithm
         it = summary.iteration
-        loss_cfg = self._loss_config()
+        loss_cfg = self._loss_config(it)
+        rho = per_iteration(a.length_control, it)
         pipeline = RolloutPipeline(
             self.pools.generators, self.pools.judges, self._records(it), tokenizer=self.ctx.tokenizer,
             sampling=self.sampling, num_responses=a.num_responses_to_gen, num_evals=a.num_evals_to_average,
@@ -128,7 +136,7 @@ class SelfRewarding:
                 if not pipeline.submit_next():
                     break
             for scored in pipeline.pop_ready():
-                batcher.add(self._outcome(scored, summary))
+                batcher.add(self._outcome(scored, summary, rho))
             if in_training is None and batcher.ready() and not self._steps_exhausted():
                 batch = batcher.pop()
                 in_training = (self.pools.learner.train_step_async(batch.samples, loss_cfg), batch,
@@ -145,7 +153,9 @@ class SelfRewarding:
                 if len(done) == len(refs):
                     metrics = ray.get(refs)[0]
                     now = time.perf_counter()
-                    self._log_step(metrics, batch, summary, now - started, now - last_log, pipeline, loss_cfg)
+                    self._log_step(metrics, batch, summary, now - started, now - last_log, pipeline, loss_cfg, rho)
+                    self._last_batch = batch
+                    self._after_step(batch)
                     last_log = now
                     in_training = None
         leftover = batcher.drain()
@@ -177,15 +187,18 @@ class SelfRewarding:
                     self._emit({**{f"train/{k}": v for k, v in metrics.items()},
                                 "train/step_time": time.perf_counter() - start, "train/epoch": epoch,
                                 "train/iteration": summary.iteration, "train/consumed_samples": self.consumed})
+                    self._after_step(None)
                     buffer = []
         summary.unused_pairs = len(buffer)
 
     # ---- pieces -----------------------------------------------------------------------------------------
 
     def _order(self, iteration: int, epoch: int) -> list[int]:
+        """This epoch's prompt order, cut to algorithm.limit_train_batches."""
+        a = self.cfg.algorithm
         order = list(range(len(self.ctx.train)))
         random.Random(f"{self.cfg.seed}/{iteration}/{epoch}").shuffle(order)
-        return order
+        return order[: limited(len(order), a.limit_train_batches, a.global_batch_size)]
 
     def _records(self, iteration: int) -> Iterator[PromptRecord]:
         for epoch in range(self.cfg.algorithm.max_epochs):
@@ -194,10 +207,10 @@ class SelfRewarding:
                 encoded = self.ctx.encode(conv)
                 if encoded is None:
                     continue  # too long: counted by the context
-                yield PromptRecord(index, epoch, encoded.prompt_ids,
-                                   self.ctx.user_text(encoded.prompt_messages), conv.metadata)
+                yield PromptRecord(index, epoch, encoded.prompt_ids, self.ctx.user_text(encoded.prompt_messages),
+                                   self.ctx.last_user_text(encoded.prompt_messages), conv.metadata)
 
-    def _outcome(self, scored: ScoredPrompt, summary: IterationSummary) -> PromptOutcome:
+    def _outcome(self, scored: ScoredPrompt, summary: IterationSummary, rho: float) -> PromptOutcome:
         a = self.cfg.algorithm
         versions = {r.weight_version for r in scored.responses} | {j.weight_version for j in scored.judgements if j}
         if versions != {self.version}:  # inside an iteration everything must come from M_t
@@ -206,13 +219,17 @@ class SelfRewarding:
         candidates = [Candidate(tuple(r.token_ids), r.finish_reason == "stop",
                                 j.mean if j else None, j.variance if j else None)
                       for r, j in zip(scored.responses, scored.judgements)]
-        selection = select_pair(candidates, a.length_control)
+        selection = select_pair(candidates, rho)
         stats = OutcomeStats(prompts=1, responses=len(candidates),
                              unended=sum(not c.ended for c in candidates), bad_samples=int(not selection.is_pair))
         oracle: Callable | None = self.ctx.evaluator.judge_truth if self.ctx.evaluator else None
         for text, j in zip(scored.texts, scored.judgements):
             if j is None:
                 continue
+            stats.judged_responses += 1
+            stats.judge_shortened += j.shortened
+            stats.judge_trimmed += j.trimmed
+            stats.judge_too_long += j.too_long
             stats.judgements += len(j.scores)
             stats.valid_judgements += len(j.valid)
             truth = oracle(scored.record.metadata, text) if oracle else None
@@ -232,7 +249,7 @@ class SelfRewarding:
         return outcome
 
     def _log_step(self, metrics: dict, batch: Batch, summary: IterationSummary, step_time: float,
-                  window: float, pipeline: RolloutPipeline, loss_cfg: LossConfig) -> None:
+                  window: float, pipeline: RolloutPipeline, loss_cfg: LossConfig, rho: float) -> None:
         self.step += 1
         self.consumed += len(batch.outcomes)
         summary.steps += 1
@@ -245,6 +262,11 @@ class SelfRewarding:
             "train/bad_samples_per_GBS": s.bad_samples / s.prompts,
             "train/bad_ends_per_GBS": s.unended / s.responses,
             "train/judge_parse_rate": s.valid_judgements / s.judgements if s.judgements else 0.0,
+            "train/judge_prompts_shortened": s.judge_shortened / max(1, s.judged_responses),
+            "train/judge_responses_trimmed": s.judge_trimmed / max(1, s.judged_responses),
+            "train/judge_too_long": s.judge_too_long / max(1, s.judged_responses),
+            "train/meta_pairs_per_GBS": 0.0,  # no judge pairs without the meta-judge
+            "train/length_control": rho,
             "train/chosen_generated_rewards": fmean(x.chosen_score for x in samples),
             "train/rejected_generated_rewards": fmean(x.rejected_score for x in samples),
             "train/consumed_samples": self.consumed,
@@ -265,27 +287,49 @@ class SelfRewarding:
         shown = " ".join(f"{k}={row['train/' + k]:.4g}" for k in keys if f"train/{k}" in row)
         self.ctx.log(f"[step {self.step} | iter {row['train/iteration']}] {shown}")
 
-    def _loss_config(self) -> LossConfig:
+    def _loss_config(self, iteration: int) -> LossConfig:
         a = self.cfg.algorithm
-        return LossConfig(preference_loss=a.preference_loss, beta=a.ref_policy_kl_penalty,
+        return LossConfig(preference_loss=a.preference_loss, beta=per_iteration(a.ref_policy_kl_penalty, iteration),
+                          gt_reward_scale=a.gt_reward_scale,
                           preference_loss_weight=a.preference_loss_weight, sft_loss_weight=a.sft_loss_weight,
                           preference_average_log_probs=a.preference_average_log_probs,
                           sft_average_log_probs=a.sft_average_log_probs)
 
-    def _validate(self) -> float | None:
+    def _validate(self, batch: Batch | None = None) -> float | None:
+        """val/loss on the validation answers, and the latest batch's pairs as `table/train_generations`."""
+        if self._validated_at == self.step:  # already done at this step (interval and iteration end met)
+            return self._val_loss
+        self._validated_at = self.step
+        if batch is not None:
+            rows = [[self.step, o.prompt_text, o.chosen_text, o.rejected_text, o.sample.chosen_score,
+                     o.sample.rejected_score] for o in batch.outcomes[:GENERATION_TABLE_ROWS]]
+            self.ctx.metrics.table("table/train_generations", list(GENERATION_TABLE_COLUMNS), rows, self.step)
         if self.ctx.val is None:
             return None
+        a = self.cfg.algorithm
         samples = []
-        for conv in self.ctx.val:
+        for i in range(limited(len(self.ctx.val), a.limit_val_batches, a.global_batch_size)):
+            conv = self.ctx.val[i]
             encoded = self.ctx.encode(conv)
             if encoded is not None and encoded.answer_ids is not None:
                 samples.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
         if not samples:
             return None
         loss = self.pools.learner.sft_nll(samples)
+        self._val_loss = loss
         self.ctx.metrics.log({"val/loss": loss}, self.step)
         self.ctx.log(f"[validation] step {self.step}: val/loss={loss:.4f}")
         return loss
+
+    def _after_step(self, batch: Batch | None) -> None:
+        """Step-interval work: validation with the generations table, and checkpoints."""
+        a = self.cfg.algorithm
+        if a.val_check_interval > 0 and self.step % a.val_check_interval == 0:
+            self._validate(batch)
+        if a.save_interval > 0 and self.step % a.save_interval == 0:
+            path = Path(self.cfg.output_dir) / "checkpoints" / f"step_{self.step}"
+            self.pools.learner.save(str(path))
+            self.ctx.log(f"[checkpoint] step {self.step}: {path}")
 
     def _steps_exhausted(self) -> bool:
         cap = self.cfg.algorithm.max_steps
