@@ -60,12 +60,27 @@ class AlgorithmConfig:
 
 
 @dataclass
+class JudgeSamplingConfig:
+    """The judge's own sampling; each field left null takes the policy's value (algorithm.sampling)."""
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    stop_strings: Optional[list] = None
+
+    def resolve(self, policy: SamplingConfig) -> SamplingConfig:
+        return SamplingConfig(**{f: getattr(policy, f) if getattr(self, f) is None else getattr(self, f)
+                                 for f in ("temperature", "top_p", "top_k", "max_new_tokens", "stop_strings")})
+
+
+@dataclass
 class JudgeConfig:
     template: str = "default"  # "default" (the model's task decides), a file path, or a literal template
     reward_regex: str = r"(?i)(?:score|points)\s*:\s*([-+]?\d+(?:\.\d+)?)"
     score_low: float = 0.0
     score_high: float = 5.0
-    sampling: Optional[SamplingConfig] = None  # None = the policy's sampling
+    sampling: JudgeSamplingConfig = field(default_factory=JudgeSamplingConfig)
 
 
 @dataclass

@@ -183,7 +183,7 @@ def _specs(cfg: Config, model_dir: Path, renderer: ChatRenderer):
                               max_batch_size=c.judges.max_batch_size)
     chat_template = PRESETS.get(cfg.data.chat_template, cfg.data.chat_template) if cfg.data.chat_template else None
     judge = JudgeSpec(template=_judge_template(cfg.judge.template),
-                      sampling=_sampling(cfg.judge.sampling or cfg.algorithm.sampling),
+                      sampling=_sampling(cfg.judge.sampling.resolve(cfg.algorithm.sampling)),
                       reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
                       score_high=cfg.judge.score_high, chat_template=chat_template)
     o = cfg.learner.optim

@@ -25,6 +25,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory):
+    """A toy-world cache shared by the end-to-end tests (the bootstrap runs once per session)."""
+    return tmp_path_factory.mktemp("toy_cache")
+
+
+# A small toy world for tests: trains in about two minutes on 2 cores.
+TOY_TEST_OVERRIDES = ["model.toy.train_prompts=96", "model.toy.val_prompts=32", "model.toy.bootstrap_steps=250"]
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray cluster for every test that needs one (start-up costs seconds)."""
     import ray

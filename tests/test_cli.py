@@ -68,3 +68,11 @@ def test_per_iteration_lists_and_limits():
             load_config(overrides)
     assert limited(100, 1.0, 16) == 100 and limited(100, 0.25, 16) == 25
     assert limited(100, 2, 16) == 32 and limited(100, 10, 16) == 100
+
+
+def test_judge_sampling_fields_default_to_the_policy_one_by_one():
+    cfg = load_config(["judge.sampling.temperature=0.3", "judge.sampling.max_new_tokens=null",
+                       "algorithm.sampling.max_new_tokens=12"])
+    resolved = cfg.judge.sampling.resolve(cfg.algorithm.sampling)
+    assert resolved.temperature == 0.3 and resolved.max_new_tokens == 12
+    assert resolved.top_p == cfg.judge.sampling.top_p  # set by the toy preset

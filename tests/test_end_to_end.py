@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from conftest import TOY_TEST_OVERRIDES
 from orchestration import load_config, run
 
 pytestmark = pytest.mark.slow
@@ -25,13 +26,11 @@ BETA = 0.1
 
 
 @pytest.fixture(scope="module")
-def finished_run(ray_session, tmp_path_factory):
+def finished_run(ray_session, toy_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cache = tmp_path_factory.mktemp("cache")
     cfg = load_config([
-        f"output_dir={out}", f"model.toy.cache_dir={cache}", "logger.wandb.mode=offline",
-        "model.toy.train_prompts=96", "model.toy.val_prompts=32", "model.toy.bootstrap_steps=250",
-        "algorithm.global_batch_size=8", "algorithm.micro_batch_size=4", "algorithm.rollout_batch_size=16",
+        f"output_dir={out}", f"model.toy.cache_dir={toy_cache}", "logger.wandb.mode=offline",
+        *TOY_TEST_OVERRIDES, "algorithm.global_batch_size=8", "algorithm.micro_batch_size=4", "algorithm.rollout_batch_size=16",
         "algorithm.length_control=[0,0.3]", "algorithm.max_iterations=2", "algorithm.preference_loss=ipo",
         "algorithm.sft_loss_weight=0.1", "algorithm.first_iteration_sft=true", "algorithm.val_check_interval=2",
         f"algorithm.ref_policy_kl_penalty={BETA}", "algorithm.save_interval=3",
@@ -88,3 +87,20 @@ def test_generations_table_and_iteration_table(finished_run):
 def test_rerunning_a_finished_run_does_nothing(finished_run):
     cfg, result, _ = finished_run
     assert run(cfg).iterations == result.iterations
+
+
+def test_max_steps_limits_and_knobs(ray_session, toy_cache, tmp_path):
+    """max_steps stops the run mid-iteration; the other knobs run through the whole loop."""
+    cfg = load_config([
+        f"output_dir={tmp_path}", f"model.toy.cache_dir={toy_cache}", "logger.wandb.mode=disabled",
+        *TOY_TEST_OVERRIDES, "algorithm.global_batch_size=4", "algorithm.micro_batch_size=2",
+        "algorithm.max_iterations=3", "algorithm.max_steps=3", "algorithm.limit_train_batches=0.5",
+        "algorithm.reset_optimizer_each_iteration=true", "algorithm.normalise_prompt=true",
+        "judge.sampling.temperature=0.3", "algorithm.preference_loss=rpo_bwd_kl",
+    ])
+    result = run(cfg)
+    rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert len(result.checkpoints) == 1  # stopped inside the first iteration, which still saves
+    assert all(r["train/global_batch_pairs"] == 4 for r in steps)

@@ -92,3 +92,14 @@ def test_export_skips_tied_head_and_packs_every_weight(model_dir):
             got = torch.frombuffer(bytearray(b["data"][offset : offset + n].tobytes()), dtype=torch.float32)
             assert offset % 64 == 0 and dtype == "float32"
             assert torch.equal(got.reshape(shape), named[name])
+
+
+def test_reset_optimizer_clears_moments_and_restarts_the_schedule(model_dir):
+    backend = TorchBackend(model_dir, OptimConfig(lr=1e-2, warmup_steps=4, micro_batch_size=4))
+    batch = pairs(4, seed=3)
+    lrs = [backend.train_step(batch, LossConfig())["lr"] for _ in range(3)]
+    assert lrs == pytest.approx([2.5e-3, 5e-3, 7.5e-3])
+    assert backend.optimizer.state  # Adam moments exist
+    backend.reset_optimizer()
+    assert not backend.optimizer.state and backend.step == 0
+    assert backend.train_step(batch, LossConfig())["lr"] == pytest.approx(2.5e-3)
