@@ -173,11 +173,13 @@ class SelfRewarding:
         buffer: list[TrainSample] = []
         for epoch in range(a.max_epochs):
             for index in self._order(summary.iteration, epoch):
+                if self._steps_exhausted():
+                    break
                 encoded = self.ctx.encode(self.ctx.train[index])
                 if encoded is None or encoded.answer_ids is None:
                     continue
                 buffer.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
-                if len(buffer) == a.global_batch_size and not self._steps_exhausted():
+                if len(buffer) == a.global_batch_size:
                     start = time.perf_counter()
                     metrics = ray.get(self.pools.learner.train_step_async(buffer, loss_cfg))[0]
                     self.step += 1
@@ -190,6 +192,8 @@ class SelfRewarding:
                     self._after_step(None)
                     buffer = []
         summary.unused_pairs = len(buffer)
+        self.ctx.metrics.log({"train/unused_pairs": summary.unused_pairs, "train/iteration": summary.iteration},
+                             self.step)
 
     # ---- pieces -----------------------------------------------------------------------------------------
 
