@@ -17,7 +17,8 @@ from .engine_host import EngineHost, EngineSpec
 from .engines.protocol import GenerationRequest, SamplingParams
 
 DEFAULT_REWARD_REGEX = r"(?i)(?:score|points)\s*:\s*([-+]?\d+(?:\.\d+)?)"
-_SLOT = re.compile(r"\{(prompt|response)\}")
+DEFAULT_META_REGEX = r"(?i)winner\s*:\s*judge?ment\s*([AB])\b"  # "Judgement" and "Judgment"
+_SLOT = re.compile(r"\{(prompt|response|judgement_a|judgement_b)\}")
 
 
 def parse_score(text: str, regex: str = DEFAULT_REWARD_REGEX, low: float = 0.0, high: float = 5.0) -> float | None:
@@ -34,10 +35,19 @@ def parse_score(text: str, regex: str = DEFAULT_REWARD_REGEX, low: float = 0.0, 
     return value
 
 
-def fill_template(template: str, prompt: str, response: str) -> str:
-    """Substitute {prompt} and {response} in one pass (so braces inside either text stay literal)."""
-    values = {"prompt": prompt, "response": response}
-    return _SLOT.sub(lambda m: values[m.group(1)], template)
+def parse_verdict(text: str, regex: str = DEFAULT_META_REGEX) -> str | None:
+    """'A' or 'B' from the first match of `regex` in the meta-judge's text; anything else is no verdict."""
+    match = re.search(regex, text)
+    if match is None:
+        return None
+    letter = (match.group(1) if match.groups() else match.group(0)).strip().upper()
+    return letter if letter in ("A", "B") else None
+
+
+def fill_template(template: str, prompt: str, response: str, **judgements: str) -> str:
+    """Substitute the {slots} in one pass (so braces inside the texts stay literal)."""
+    values = {"prompt": prompt, "response": response, **judgements}
+    return _SLOT.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,8 @@ class JudgeSpec:
     score_low: float = 0.0
     score_high: float = 5.0
     chat_template: str | None = None  # Jinja; None = the judge tokenizer's own
+    meta_template: str | None = None  # with {prompt} {response} {judgement_a} {judgement_b}; None = no meta-judge
+    meta_reward_regex: str = DEFAULT_META_REGEX
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,8 @@ class Judgement:
     scores: list[float | None]  # one per judgement; None = no valid score
     texts: list[str] = field(repr=False)
     weight_version: int = -1
+    prompt_ids: list[int] = field(default_factory=list, repr=False)  # the judge prompt as the judge saw it
+    token_ids: list[list[int]] = field(default_factory=list, repr=False)  # what it generated, per judgement
     shortened: bool = False  # only the last user turn was shown (the whole prompt did not fit)
     trimmed: bool = False  # the response was cut from the end to fit
     too_long: bool = False  # even so it could not fit: no scores
@@ -86,6 +100,24 @@ class JudgeBatch:
     generated_tokens: int
 
 
+@dataclass(frozen=True)
+class MetaItem:
+    """One meta-judge comparison: which of two judgements (score text already stripped) is better."""
+
+    prompt: str
+    response: str
+    judgement_a: str
+    judgement_b: str
+    seed: int
+
+
+@dataclass
+class MetaBatch:
+    verdicts: list[str | None]  # "A", "B" or None, per item
+    texts: list[str] = field(repr=False)
+    generated_tokens: int = 0
+
+
 class JudgeActor(EngineHost):
     def __init__(self, engine: EngineSpec, spec: JudgeSpec, weight_version: int = 0):
         super().__init__(engine, weight_version)
@@ -96,7 +128,9 @@ class JudgeActor(EngineHost):
         self.max_seq_len = self.engine.max_seq_len
 
     def prompt_ids(self, prompt: str, response: str) -> list[int]:
-        content = fill_template(self.spec.template, prompt, response)
+        return self._chat_ids(fill_template(self.spec.template, prompt, response))
+
+    def _chat_ids(self, content: str) -> list[int]:
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True, chat_template=self.spec.chat_template)
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -137,6 +171,7 @@ class JudgeActor(EngineHost):
             if ids is None:
                 judgements[i].scores = [None] * len(item.seeds)
                 continue
+            judgements[i].prompt_ids = ids
             for seed in item.seeds:
                 requests.append(GenerationRequest(ids, self.spec.sampling, seed))
                 owners.append(i)
@@ -145,6 +180,28 @@ class JudgeActor(EngineHost):
             text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
             j = judgements[owner]
             j.texts.append(text)
+            j.token_ids.append(list(result.token_ids))
             j.scores.append(parse_score(text, self.spec.reward_regex, self.spec.score_low, self.spec.score_high))
             j.weight_version = result.weight_version
         return JudgeBatch(judgements, sum(len(r.token_ids) for r in results))
+
+    def meta_judge(self, items: Sequence[MetaItem]) -> MetaBatch:
+        """Meta-judge comparisons with the same model; an item whose prompt does not fit gets no verdict."""
+        if self.spec.meta_template is None:
+            raise ValueError("this judge has no meta-judge template (judge.meta_template)")
+        budget = self.max_seq_len - self.spec.sampling.max_new_tokens
+        requests, owners = [], []
+        for i, item in enumerate(items):
+            content = fill_template(self.spec.meta_template, item.prompt, item.response,
+                                    judgement_a=item.judgement_a, judgement_b=item.judgement_b)
+            ids = self._chat_ids(content)
+            if len(ids) <= budget:
+                requests.append(GenerationRequest(ids, self.spec.sampling, item.seed))
+                owners.append(i)
+        results = self._generate(requests)
+        verdicts: list[str | None] = [None] * len(items)
+        texts = [""] * len(items)
+        for owner, result in zip(owners, results):
+            texts[owner] = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+            verdicts[owner] = parse_verdict(texts[owner], self.spec.meta_reward_regex)
+        return MetaBatch(verdicts, texts, sum(len(r.token_ids) for r in results))

@@ -1,7 +1,10 @@
-"""Exact global batches: every optimizer step sees exactly GBS good pairs (SPEC section 3, step 6).
+"""Exact global batches: every optimizer step sees exactly GBS good pairs (SPEC sections 3.6 and 4.5).
 
-Scored prompts arrive in order as outcomes (a pair, or a bad sample). Bad samples never enter a batch;
-they are counted against the batch whose pairs were being collected when they arrived.
+Scored prompts arrive in order as outcomes (an actor pair or a bad sample, and with the meta-judge maybe a
+judge pair). Bad samples never enter a batch; they are counted against the batch whose pairs were being
+collected when they arrived. Judge pairs go into a waiting line; each batch takes m = min(cap, waiting) of
+them, oldest first, and GBS - m actor pairs, so the judge share is exact per global batch. Where a batch is
+cut depends only on the order of the outcomes, never on when they arrived.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ class OutcomeStats:
     judge_shortened: int = 0  # judged on the last user turn only
     judge_trimmed: int = 0  # response cut from the end to fit the judge
     judge_too_long: int = 0  # could not fit the judge at all: no scores
+    meta_verdicts: int = 0  # meta-judge comparisons asked
+    meta_valid_verdicts: int = 0  # ... that named a winner
+    judge_pairs: int = 0  # judge pairs accepted (Meta-Rewarding)
     judge_checked: int = 0  # judgements whose score could be checked against ground truth (toy world)
     judge_correct: int = 0
 
@@ -39,6 +45,7 @@ class OutcomeStats:
 class PromptOutcome:
     stats: OutcomeStats
     sample: TrainSample | None = None  # None: a bad sample
+    judge_sample: TrainSample | None = None  # a judge pair from the meta-judge, if one was accepted
     epoch: int = 0
     # For logs and the generations table:
     prompt_text: str = ""
@@ -49,50 +56,66 @@ class PromptOutcome:
 
 @dataclass
 class Batch:
-    outcomes: list[PromptOutcome]  # exactly GBS pairs
+    outcomes: list[PromptOutcome]  # the actor pairs
+    judge_samples: list[TrainSample] = field(default_factory=list)  # judge pairs; len(outcomes) + this = GBS
     stats: OutcomeStats = field(default_factory=OutcomeStats)  # over every prompt consumed, bad ones too
 
     @property
     def samples(self) -> list[TrainSample]:
-        return [o.sample for o in self.outcomes]
+        return [o.sample for o in self.outcomes] + self.judge_samples
 
 
 class GlobalBatcher:
-    def __init__(self, global_batch_size: int):
+    def __init__(self, global_batch_size: int, judge_pair_cap: int = 0):
         self.gbs = global_batch_size
+        self.cap = judge_pair_cap  # round(meta_judge_pcnt * GBS); 0 without the meta-judge
         self._queue: deque[PromptOutcome] = deque()
-        self._pairs = 0
+        self._judge_waiting: deque[TrainSample] = deque()  # judge pairs of outcomes already consumed
 
     def add(self, outcome: PromptOutcome) -> None:
         self._queue.append(outcome)
-        self._pairs += outcome.sample is not None
+
+    def _cut(self) -> tuple[int, int] | None:
+        """(outcomes to consume, judge pairs to take) for the next batch, or None if it cannot be filled."""
+        actor, judge = 0, len(self._judge_waiting)
+        for k, outcome in enumerate(self._queue, start=1):
+            actor += outcome.sample is not None
+            judge += outcome.judge_sample is not None
+            if actor + min(self.cap, judge) >= self.gbs:
+                return k, self.gbs - min(actor, self.gbs)
+        return None
 
     def ready(self) -> bool:
-        return self._pairs >= self.gbs
-
-    @property
-    def buffered_prompts(self) -> int:
-        return len(self._queue)
+        return self._cut() is not None
 
     @property
     def buffered_pairs(self) -> int:
-        return self._pairs
+        return sum(o.sample is not None for o in self._queue)
+
+    @property
+    def waiting_judge_pairs(self) -> list[TrainSample]:
+        """Judge pairs not yet trained on, in order (part of the run's state)."""
+        return list(self._judge_waiting) + [o.judge_sample for o in self._queue if o.judge_sample is not None]
 
     def pop(self) -> Batch:
-        if not self.ready():
-            raise RuntimeError(f"only {self._pairs} pairs buffered, a batch needs {self.gbs}")
+        cut = self._cut()
+        if cut is None:
+            raise RuntimeError(f"only {self.buffered_pairs} pairs buffered, a batch needs {self.gbs}")
+        consume, take_judge = cut
         batch = Batch([])
-        while len(batch.outcomes) < self.gbs:
+        for _ in range(consume):
             outcome = self._queue.popleft()
             batch.stats += outcome.stats
             if outcome.sample is not None:
                 batch.outcomes.append(outcome)
-                self._pairs -= 1
+            if outcome.judge_sample is not None:
+                self._judge_waiting.append(outcome.judge_sample)
+        batch.judge_samples = [self._judge_waiting.popleft() for _ in range(take_judge)]
         return batch
 
-    def drain(self) -> list[PromptOutcome]:
-        """Everything left (fewer than GBS pairs): the iteration is over and these go unused."""
-        rest = list(self._queue)
+    def drain(self) -> tuple[list[PromptOutcome], list[TrainSample]]:
+        """Everything left when the iteration ends: (outcomes, waiting judge pairs). These go unused."""
+        rest, judges = list(self._queue), self.waiting_judge_pairs
         self._queue.clear()
-        self._pairs = 0
-        return rest
+        self._judge_waiting.clear()
+        return rest, judges

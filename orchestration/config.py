@@ -54,6 +54,9 @@ class AlgorithmConfig:
     save_interval: int = -1  # checkpoint every N steps (and always at iteration ends); -1 = only there
     reset_optimizer_each_iteration: bool = False
     normalise_prompt: bool = False  # judges see multi-turn prompts as plain "User: / Assistant:" turns
+    use_meta_judge: bool = False  # Meta-Rewarding: also train the judge on meta-judge preferences
+    meta_judge_pcnt: float = 0.15  # at most round(meta_judge_pcnt * GBS) judge pairs per global batch
+    meta_max_relative_pcnt: float = 0.4  # a chosen-score class may hold at most this share of judge pairs
     rollout_batch_size: int = 16  # prompts per generation call to one replica
     max_prompts_ahead: int = 256  # prompts in flight ahead of the learner (bounds buffered pairs)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -80,6 +83,8 @@ class JudgeConfig:
     reward_regex: str = r"(?i)(?:score|points)\s*:\s*([-+]?\d+(?:\.\d+)?)"
     score_low: float = 0.0
     score_high: float = 5.0
+    meta_template: str = ""  # the meta-judge prompt: {prompt} {response} {judgement_a} {judgement_b}
+    meta_reward_regex: str = r"(?i)winner\s*:\s*judge?ment\s*([AB])\b"
     sampling: JudgeSamplingConfig = field(default_factory=JudgeSamplingConfig)
 
 
@@ -103,6 +108,7 @@ class ToyConfig:
     val_prompts: int = 128
     bootstrap_steps: int = 600
     bootstrap_lr: float = 3e-3
+    meta_judgements: int = 0  # meta-judge examples in the bootstrap (the meta_rewarding preset sets them)
 
 
 @dataclass
@@ -181,7 +187,7 @@ class Config:
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-ALGORITHMS = ("self_rewarding",)
+ALGORITHMS = ("self_rewarding", "meta_rewarding")
 CHOICES = {
     "algorithm.name": ALGORITHMS,
     "algorithm.preference_loss": ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "scale"),
@@ -264,6 +270,13 @@ def validate(cfg: Config) -> None:
     _check_per_iteration("length_control", a.length_control, a.max_iterations, lambda v: 0 <= v < 1, "in [0, 1)")
     for key in ("limit_train_batches", "limit_val_batches"):
         _check_limit(key, getattr(a, key))
+    if not 0 < a.meta_judge_pcnt < 1:
+        raise ConfigError(f"algorithm.meta_judge_pcnt must be in (0, 1), got {a.meta_judge_pcnt}")
+    if not 0 < a.meta_max_relative_pcnt <= 1:
+        raise ConfigError(f"algorithm.meta_max_relative_pcnt must be in (0, 1], got {a.meta_max_relative_pcnt}")
+    if a.use_meta_judge and round(a.meta_judge_pcnt * a.global_batch_size) == 0:
+        raise ConfigError(f"algorithm.meta_judge_pcnt={a.meta_judge_pcnt} * global_batch_size={a.global_batch_size} "
+                          "rounds to 0 judge pairs per batch: raise one of them")
     for key in ("val_check_interval", "save_interval"):
         if getattr(a, key) < 1 and getattr(a, key) != -1:
             raise ConfigError(f"algorithm.{key} must be -1 (iteration ends only) or >= 1, got {getattr(a, key)}")

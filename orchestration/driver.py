@@ -144,7 +144,7 @@ def _resolve_model(cfg: Config, log):
     t = cfg.model.toy
     recipe = toy_world.ToyRecipe(max_operand=t.max_operand, train_prompts=t.train_prompts,
                                  val_prompts=t.val_prompts, bootstrap_steps=t.bootstrap_steps,
-                                 bootstrap_lr=t.bootstrap_lr)
+                                 bootstrap_lr=t.bootstrap_lr, meta_judgements=t.meta_judgements)
     toy = toy_world.prepare(recipe, t.cache_dir, log)
     log(f"[toy] M1 at {toy.model_dir}: answer accuracy {toy.report['answer_accuracy']:.1%}, judge parse rate "
         f"{toy.report['judge_parse_rate']:.1%}, judge accuracy {toy.report['judge_accuracy']:.1%}")
@@ -160,17 +160,18 @@ def _sampling(s: SamplingConfig) -> SamplingParams:
                           max_new_tokens=s.max_new_tokens, stop_strings=tuple(s.stop_strings))
 
 
-def _judge_template(value: str) -> str:
+def _template(key: str, value: str, slots: tuple[str, ...]) -> str:
+    """A judge template from config: "toy" (the toy world's), a file path, or the text itself."""
     if value == "toy":
-        from .toy.task import JUDGE_TEMPLATE
+        from .toy import task
 
-        return JUDGE_TEMPLATE
+        return task.META_JUDGE_TEMPLATE if key == "judge.meta_template" else task.JUDGE_TEMPLATE
     path = Path(value).expanduser()
     if "\n" not in value and len(value) < 4096 and path.is_file():
         value = path.read_text()
-    missing = [slot for slot in ("{prompt}", "{response}") if slot not in value]
+    missing = [slot for slot in slots if slot not in value]
     if missing:
-        raise ConfigError(f"judge.template lacks the slot(s) {', '.join(missing)} (a file path or the template text)")
+        raise ConfigError(f"{key} lacks the slot(s) {', '.join(missing)} (a file path or the template text)")
     return value
 
 
@@ -182,7 +183,12 @@ def _specs(cfg: Config, model_dir: Path, renderer: ChatRenderer):
     judge_engine = EngineSpec(**{**engine, "device": "cuda" if c.judges.num_gpus > 0 else "cpu"},
                               max_batch_size=c.judges.max_batch_size)
     chat_template = PRESETS.get(cfg.data.chat_template, cfg.data.chat_template) if cfg.data.chat_template else None
-    judge = JudgeSpec(template=_judge_template(cfg.judge.template),
+    meta_template = None
+    if cfg.algorithm.use_meta_judge:
+        meta_template = _template("judge.meta_template", cfg.judge.meta_template,
+                                  ("{prompt}", "{response}", "{judgement_a}", "{judgement_b}"))
+    judge = JudgeSpec(template=_template("judge.template", cfg.judge.template, ("{prompt}", "{response}")),
+                      meta_template=meta_template, meta_reward_regex=cfg.judge.meta_reward_regex,
                       sampling=_sampling(cfg.judge.sampling.resolve(cfg.algorithm.sampling)),
                       reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
                       score_high=cfg.judge.score_high, chat_template=chat_template)

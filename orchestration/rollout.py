@@ -1,4 +1,5 @@
-"""Streaming rollouts: prompt chunks -> generator pool -> judge pool -> scored prompts, in prompt order.
+"""Streaming rollouts: prompt chunks -> generator pool -> judge pool (-> meta-judge on the judge pool)
+-> scored prompts, in prompt order.
 
 Chunks go round-robin to replicas and run concurrently with each other and with learner steps; results
 are released strictly in submission order so the pairs (and so every batch) are the same whatever the
@@ -16,7 +17,9 @@ from typing import Iterator
 import ray
 
 from actors.engines.protocol import GenerationRequest, GenerationResult, SamplingParams
-from actors.judge import JudgeItem, Judgement
+from actors.judge import JudgeItem, Judgement, MetaItem
+
+from . import meta
 
 
 def derive_seed(*parts: object) -> int:
@@ -36,11 +39,21 @@ class PromptRecord:
 
 
 @dataclass
+class MetaJudged:
+    """Meta-judge verdicts on the judgements of one response of a prompt."""
+
+    response: int  # index of the response whose judgements were compared
+    judgements: list[int]  # indices (into that response's judgements) of its distinct judgements
+    verdicts: dict[tuple[int, int], str | None]  # (A, B) positions in `judgements` -> "A" | "B" | None
+
+
+@dataclass
 class ScoredPrompt:
     record: PromptRecord
     responses: list[GenerationResult]
     texts: list[str]  # response text without the end marker
     judgements: list[Judgement | None]  # None where the response was not judged (did not end properly)
+    meta: MetaJudged | None = None  # with the meta-judge, when the prompt had a candidate
 
 
 @dataclass
@@ -48,9 +61,19 @@ class _Chunk:
     records: list[PromptRecord]
     gen_ref: object = None
     judge_ref: object = None
+    meta_ref: object = None
+    meta_plan: list[tuple[int, int, list[int], list[tuple[int, int]]]] = field(default_factory=list)
     responses: list[list[GenerationResult]] = field(default_factory=list)
     texts: list[list[str]] = field(default_factory=list)
+    scored: list[ScoredPrompt] = field(default_factory=list)
     result: list[ScoredPrompt] | None = None
+
+    @property
+    def waiting_on(self):
+        """The remote call this chunk waits for, or None when it is finished."""
+        if self.result is not None:
+            return None
+        return self.meta_ref or self.judge_ref or self.gen_ref
 
 
 @dataclass
@@ -69,7 +92,7 @@ class PoolCounters:
 class RolloutPipeline:
     def __init__(self, generators: list, judges: list, records: Iterator[PromptRecord], *, tokenizer,
                  sampling: SamplingParams, num_responses: int, num_evals: int, chunk_size: int, seed: int,
-                 iteration: int):
+                 iteration: int, meta_reward_regex: str | None = None):
         self.generators, self.judges = generators, judges
         self._records = records
         self.tokenizer = tokenizer
@@ -77,6 +100,7 @@ class RolloutPipeline:
         self.n, self.k = num_responses, num_evals
         self.chunk_size = chunk_size
         self.seed, self.iteration = seed, iteration
+        self.meta_reward_regex = meta_reward_regex  # set: run the meta-judge, stripping scores with it
         self._chunks: deque[_Chunk] = deque()
         self._submitted = 0
         self._judge_calls = 0
@@ -116,15 +140,20 @@ class RolloutPipeline:
 
     def pending(self) -> list:
         """Object refs worth waiting on."""
-        return [c.judge_ref if c.judge_ref is not None else c.gen_ref for c in self._chunks if c.result is None]
+        return [c.waiting_on for c in self._chunks if c.waiting_on is not None]
 
     def advance(self, ready: set) -> None:
         """Move every chunk whose remote call finished on to its next stage."""
         for chunk in self._chunks:
-            if chunk.result is None and chunk.judge_ref is None and chunk.gen_ref in ready:
+            ref = chunk.waiting_on
+            if ref is None or ref not in ready:
+                continue
+            if ref is chunk.gen_ref:
                 self._start_judging(chunk)
-            elif chunk.judge_ref is not None and chunk.result is None and chunk.judge_ref in ready:
-                self._finish(chunk)
+            elif ref is chunk.judge_ref:
+                self._collect_judgements(chunk)
+            else:
+                self._collect_meta(chunk)
 
     def pop_ready(self) -> list[ScoredPrompt]:
         """Scored prompts of the finished chunks at the head of the queue, in submission order."""
@@ -153,14 +182,51 @@ class RolloutPipeline:
         self._judge_calls += 1
         chunk.judge_ref = replica.judge.remote(items)
 
-    def _finish(self, chunk: _Chunk) -> None:
+    def _collect_judgements(self, chunk: _Chunk) -> None:
         batch = ray.get(chunk.judge_ref)
         self.counters.judge_tokens += batch.generated_tokens
         judged = iter(batch.judgements)
-        chunk.result = []
         for record, responses, texts in zip(chunk.records, chunk.responses, chunk.texts):
             judgements = [next(judged) if r.finish_reason == "stop" else None for r in responses]
-            chunk.result.append(ScoredPrompt(record, responses, texts, judgements))
+            chunk.scored.append(ScoredPrompt(record, responses, texts, judgements))
+        if self.meta_reward_regex is None or not self._start_meta(chunk):
+            chunk.result = chunk.scored
+
+    def _start_meta(self, chunk: _Chunk) -> bool:
+        """Ask the judge pool to compare the judgements of each prompt's most disputed response."""
+        items = []
+        for p, scored in enumerate(chunk.scored):
+            scores = [j.scores if j else [] for j in scored.judgements]
+            candidate = meta.choose_candidate(scores)
+            if candidate is None:
+                continue
+            texts = scored.judgements[candidate].texts
+            distinct = [i for i, t in enumerate(texts) if t not in texts[:i]]
+            if len(distinct) < 2:
+                continue
+            orders = meta.comparisons(len(distinct))
+            chunk.meta_plan.append((p, candidate, distinct, orders))
+            r = scored.record
+            for a, b in orders:
+                items.append(MetaItem(
+                    r.user_text, scored.texts[candidate],
+                    meta.strip_score(texts[distinct[a]], self.meta_reward_regex),
+                    meta.strip_score(texts[distinct[b]], self.meta_reward_regex),
+                    derive_seed(self.seed, self.iteration, r.epoch, r.index, candidate, a, b, "meta")))
+        if not items:
+            return False
+        replica = self.judges[self._judge_calls % len(self.judges)]
+        self._judge_calls += 1
+        chunk.meta_ref = replica.meta_judge.remote(items)
+        return True
+
+    def _collect_meta(self, chunk: _Chunk) -> None:
+        batch = ray.get(chunk.meta_ref)
+        self.counters.judge_tokens += batch.generated_tokens
+        verdicts = iter(batch.verdicts)
+        for p, candidate, distinct, orders in chunk.meta_plan:
+            chunk.scored[p].meta = MetaJudged(candidate, distinct, {order: next(verdicts) for order in orders})
+        chunk.result = chunk.scored
 
     def _response_text(self, result: GenerationResult) -> str:
         """What the judge reads: the response without its end token or stop string."""

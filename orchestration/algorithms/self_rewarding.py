@@ -23,6 +23,7 @@ from ..batching import Batch, GlobalBatcher, OutcomeStats, PromptOutcome
 from ..cluster import Pools, refit
 from ..config import Config, limited, per_iteration
 from ..context import RunContext
+from .. import meta
 from ..pairs import Candidate, select_pair
 from ..rollout import PromptRecord, RolloutPipeline, ScoredPrompt
 
@@ -55,6 +56,7 @@ class IterationSummary:
             "chosen_score": fmean(self.chosen_scores) if self.chosen_scores else None,
             "rejected_score": fmean(self.rejected_scores) if self.rejected_scores else None,
             "bad_sample_rate": s.bad_samples / s.prompts if s.prompts else None,
+            "judge_pairs": s.judge_pairs,
             "pairs_trained": self.pairs_trained,
             "unused_pairs": self.unused_pairs,
             "steps": self.steps,
@@ -125,8 +127,11 @@ class SelfRewarding:
         pipeline = RolloutPipeline(
             self.pools.generators, self.pools.judges, self._records(it), tokenizer=self.ctx.tokenizer,
             sampling=self.sampling, num_responses=a.num_responses_to_gen, num_evals=a.num_evals_to_average,
-            chunk_size=a.rollout_batch_size, seed=self.cfg.seed, iteration=it)
-        batcher = GlobalBatcher(a.global_batch_size)
+            chunk_size=a.rollout_batch_size, seed=self.cfg.seed, iteration=it,
+            meta_reward_regex=self.cfg.judge.reward_regex if a.use_meta_judge else None)
+        cap = round(a.meta_judge_pcnt * a.global_batch_size) if a.use_meta_judge else 0
+        batcher = GlobalBatcher(a.global_batch_size, judge_pair_cap=cap)
+        self._balance = meta.ScoreClassBalance(a.meta_max_relative_pcnt)  # per iteration: the judge changes
         in_training: tuple[list, Batch, float] | None = None
         last_log = time.perf_counter()
         while True:
@@ -158,8 +163,8 @@ class SelfRewarding:
                     self._after_step(batch)
                     last_log = now
                     in_training = None
-        leftover = batcher.drain()
-        summary.unused_pairs = sum(o.sample is not None for o in leftover)
+        leftover, judge_left = batcher.drain()
+        summary.unused_pairs = sum(o.sample is not None for o in leftover) + len(judge_left)
         self.ctx.metrics.log({"train/unused_pairs": summary.unused_pairs, "train/iteration": it}, self.step)
         if summary.unused_pairs:
             self.ctx.log(f"[iteration {it}] {summary.unused_pairs} pairs left over (fewer than "
@@ -240,9 +245,10 @@ class SelfRewarding:
             if truth is not None:
                 stats.judge_checked += len(j.valid)
                 stats.judge_correct += sum(s == truth for s in j.valid)
+        judge_sample = self._judge_pair(scored, stats)
         summary.stats += stats
         outcome = PromptOutcome(stats, epoch=scored.record.epoch, prompt_text=scored.record.user_text,
-                                reason=selection.reason)
+                                reason=selection.reason, judge_sample=judge_sample)
         if selection.is_pair:
             c, r = selection.chosen, selection.rejected
             outcome.sample = TrainSample(scored.record.prompt_ids, list(candidates[c].token_ids),
@@ -252,15 +258,33 @@ class SelfRewarding:
             summary.rejected_scores.append(candidates[r].mean)
         return outcome
 
+    def _judge_pair(self, scored: ScoredPrompt, stats: OutcomeStats) -> TrainSample | None:
+        """Meta-Rewarding: the judge pair of this prompt (SPEC 4.3-4.4), or None."""
+        m = scored.meta
+        if m is None:
+            return None
+        stats.meta_verdicts += len(m.verdicts)
+        stats.meta_valid_verdicts += sum(v is not None for v in m.verdicts.values())
+        j = scored.judgements[m.response]
+        texts = [j.texts[i] for i in m.judgements]
+        scores = [j.scores[i] for i in m.judgements]
+        choice = meta.choose_judge_pair(texts, scores, meta.win_counts(len(texts), m.verdicts))
+        if choice.chosen is None or not self._balance.admit(scores[choice.chosen]):
+            return None
+        stats.judge_pairs += 1
+        chosen, rejected = m.judgements[choice.chosen], m.judgements[choice.rejected]
+        return TrainSample(list(j.prompt_ids), list(j.token_ids[chosen]), list(j.token_ids[rejected]),
+                           j.scores[chosen], j.scores[rejected])
+
     def _log_step(self, metrics: dict, batch: Batch, summary: IterationSummary, step_time: float,
                   window: float, pipeline: RolloutPipeline, loss_cfg: LossConfig, rho: float) -> None:
         self.step += 1
-        self.consumed += len(batch.outcomes)
+        self.consumed += len(batch.samples)
         summary.steps += 1
-        summary.pairs_trained += len(batch.outcomes)
+        summary.pairs_trained += len(batch.samples)
         s = batch.stats
         gen_tokens, judge_tokens = pipeline.counters.take()
-        samples = batch.samples
+        samples = [o.sample for o in batch.outcomes]  # actor pairs: their judge scores are the generated rewards
         row = {f"train/{k}": v for k, v in metrics.items()}
         row.update({
             "train/bad_samples_per_GBS": s.bad_samples / s.prompts,
@@ -269,7 +293,8 @@ class SelfRewarding:
             "train/judge_prompts_shortened": s.judge_shortened / max(1, s.judged_responses),
             "train/judge_responses_trimmed": s.judge_trimmed / max(1, s.judged_responses),
             "train/judge_too_long": s.judge_too_long / max(1, s.judged_responses),
-            "train/meta_pairs_per_GBS": 0.0,  # no judge pairs without the meta-judge
+            "train/meta_pairs_per_GBS": len(batch.judge_samples) / len(batch.samples),
+            "train/meta_judge_parse_rate": s.meta_valid_verdicts / s.meta_verdicts if s.meta_verdicts else 0.0,
             "train/length_control": rho,
             "train/chosen_generated_rewards": fmean(x.chosen_score for x in samples),
             "train/rejected_generated_rewards": fmean(x.rejected_score for x in samples),
@@ -280,7 +305,7 @@ class SelfRewarding:
             "train/beta": loss_cfg.beta,
             "train/generator_tokens_per_s": gen_tokens / window,
             "train/judge_tokens_per_s": judge_tokens / window,
-            "train/pairs_per_s": len(samples) / window,
+            "train/pairs_per_s": len(batch.samples) / window,
         })
         self._emit(row)
 

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 QUESTION_FORMS = ("What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "{a} + {b} = ?")
 CRITERIA = ("Number", "Digits", "Last", "First", "Exact")
 JUDGE_TEMPLATE = "Grade 0-5, a point per check.\nQuestion: {prompt}\nAnswer: {response}"
+META_JUDGE_TEMPLATE = ("Which grading is right?\nQuestion: {prompt}\nAnswer: {response}\n"
+                       "Judgement A:\n{judgement_a}\nJudgement B:\n{judgement_b}")
+SCORE_LINE = re.compile(r"\nScore: \d+$")
 _NUMBER = re.compile(r"-?\d+")
 
 
@@ -110,3 +113,22 @@ def candidate_answers(rng: random.Random, answer: int) -> str:
             return truth[:i] + truth[i + 1 :]
         return truth + rng.choice("0123456789")
     return rng.choice(["I am not sure.", "many", "It is big.", "no idea"])
+
+
+def without_score(judgement: str) -> str:
+    """A judgement as the meta-judge sees it: the score line removed."""
+    return SCORE_LINE.sub("", judgement)
+
+
+def confused_judgement(rng: random.Random, problem: Problem, response: str) -> str:
+    """A plausible wrong judgement: worked out for a slightly wrong operand, so its sum and checks are off."""
+    delta = rng.choice([-3, -2, -1, 1, 2, 3])
+    wrong = Problem(max(0, problem.a + delta), problem.b, problem.form)
+    if wrong.answer == problem.answer:
+        wrong = Problem(problem.a + 4, problem.b, problem.form)
+    return judgement_text(wrong, response)
+
+
+def meta_judgement_text(problem: Problem, winner: str) -> str:
+    """The meta-judge's answer: the sum worked out again, then the judgement that matches it."""
+    return "\n".join(column_sum(problem.a, problem.b) + [f"Winner: Judgement {winner}"])

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import task
 
 # Bump when the code that builds the toy world changes what it produces.
-TOY_WORLD_VERSION = 3
+TOY_WORLD_VERSION = 3  # a recipe with meta_judgements > 0 adds meta-judge examples
 SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -40,6 +40,7 @@ class ToyRecipe:
     # the gap Self-Rewarding feeds on.
     bootstrap_answers: int = 600  # instruction examples (question -> answer)
     bootstrap_judgements: int = 3000  # judge-format examples (judge prompt -> judgement)
+    meta_judgements: int = 0  # meta-judge examples (two judgements -> which is right); Meta-Rewarding only
     vocab_size: int = 400
     hidden_size: int = 128
     layers: int = 4
@@ -50,7 +51,10 @@ class ToyRecipe:
     bootstrap_lr: float = 3e-3
 
     def digest(self) -> str:
-        payload = json.dumps({"version": TOY_WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if not fields["meta_judgements"]:  # recipes from before meta-judge data keep their cache entries
+            del fields["meta_judgements"]
+        payload = json.dumps({"version": TOY_WORLD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -95,6 +99,8 @@ def _build(recipe: ToyRecipe, root: Path, log) -> None:
     for _ in range(recipe.bootstrap_judgements):
         p = task.sample_problem(rng, recipe.max_operand)
         boot_judged.append((p, task.candidate_answers(rng, p.answer)))
+    meta_rng = random.Random(recipe.seed + 11)  # its own stream: adding meta data leaves the rest unchanged
+    boot_meta = [_meta_example(meta_rng, recipe.max_operand) for _ in range(recipe.meta_judgements)]
     train = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.train_prompts)]
     val = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.val_prompts)]
     _write_jsonl(root / "train.jsonl", train)
@@ -102,6 +108,7 @@ def _build(recipe: ToyRecipe, root: Path, log) -> None:
 
     sft_pairs = [(p.question, str(p.answer)) for p in boot_answers]
     sft_pairs += [(judge_prompt(p.question, r), task.judgement_text(p, r)) for p, r in boot_judged]
+    sft_pairs += boot_meta
     rng.shuffle(sft_pairs)
     corpus = [q + "\n" + a for q, a in sft_pairs]
     tokenizer = build_tokenizer(corpus, recipe.vocab_size)
@@ -109,10 +116,26 @@ def _build(recipe: ToyRecipe, root: Path, log) -> None:
     save_initial_model(tokenizer, recipe, model_dir)
     t0 = time.time()
     _bootstrap_sft(model_dir, tokenizer, sft_pairs, recipe, log)
-    report = evaluate_m1(model_dir, val, recipe.seed, log)
+    report = evaluate_m1(model_dir, val, recipe.seed, log, meta=recipe.meta_judgements > 0)
     report["bootstrap_seconds"] = round(time.time() - t0, 1)
     (root / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
     (root / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def meta_judge_prompt(question: str, response: str, judgement_a: str, judgement_b: str) -> str:
+    return task.META_JUDGE_TEMPLATE.format(prompt=question, response=response, judgement_a=judgement_a,
+                                           judgement_b=judgement_b)
+
+
+def _meta_example(rng: random.Random, max_operand: int) -> tuple[str, str]:
+    """(meta-judge prompt, answer): a right and a confused judgement of one answer, in random order."""
+    p = task.sample_problem(rng, max_operand)
+    response = task.candidate_answers(rng, p.answer)
+    right = task.without_score(task.judgement_text(p, response))
+    wrong = task.without_score(task.confused_judgement(rng, p, response))
+    winner = rng.choice("AB")
+    a, b = (right, wrong) if winner == "A" else (wrong, right)
+    return meta_judge_prompt(p.question, response, a, b), task.meta_judgement_text(p, winner)
 
 
 def _write_jsonl(path: Path, problems: list[task.Problem]) -> None:
@@ -195,7 +218,7 @@ def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], rec
     torch.set_num_threads(threads)
 
 
-def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log) -> dict:
+def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: bool = False) -> dict:
     """Greedy answer accuracy and judge parse rate / accuracy of the bootstrapped model on held-out data."""
     from transformers import AutoTokenizer
 
@@ -223,8 +246,16 @@ def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log) -> dic
         "judge_parse_rate": round(len(parsed) / len(val), 3),
         "judge_accuracy": round(sum(s == t for s, t in parsed) / max(1, len(parsed)), 3),
     }
+    if meta:
+        from actors.judge import parse_verdict
+
+        probes = [_meta_example(rng, max(p.answer for p in val)) for _ in range(len(val))]
+        verdicts = [parse_verdict(v) for v in ask([q for q, _ in probes], 40)]
+        report["meta_judge_accuracy"] = round(
+            sum(v is not None and a.endswith(v) for v, (_, a) in zip(verdicts, probes)) / len(probes), 3)
     log(f"[toy] M1: greedy answer accuracy {report['answer_accuracy']:.1%}, judge parse rate "
-        f"{report['judge_parse_rate']:.1%}, judge exact-score accuracy {report['judge_accuracy']:.1%}")
+        f"{report['judge_parse_rate']:.1%}, judge exact-score accuracy {report['judge_accuracy']:.1%}"
+        + (f", meta-judge accuracy {report['meta_judge_accuracy']:.1%}" if meta else ""))
     return report
 
 
