@@ -7,6 +7,7 @@ response that itself says "Score: 5" cannot score itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class JudgeSpec:
     chat_template: str | None = None  # Jinja; None = the judge tokenizer's own
     meta_template: str | None = None  # with {prompt} {response} {judgement_a} {judgement_b}; None = no meta-judge
     meta_reward_regex: str = DEFAULT_META_REGEX
+    meta_max_new_tokens: int | None = None  # the meta-judge's answer length; None = sampling.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class MetaBatch:
     verdicts: list[str | None]  # "A", "B" or None, per item
     texts: list[str] = field(repr=False)
     generated_tokens: int = 0
+    too_long: int = 0  # items whose prompt did not fit the judge's context (no verdict)
 
 
 class JudgeActor(EngineHost):
@@ -189,14 +192,17 @@ class JudgeActor(EngineHost):
         """Meta-judge comparisons with the same model; an item whose prompt does not fit gets no verdict."""
         if self.spec.meta_template is None:
             raise ValueError("this judge has no meta-judge template (judge.meta_template)")
-        budget = self.max_seq_len - self.spec.sampling.max_new_tokens
+        sampling = self.spec.sampling
+        if self.spec.meta_max_new_tokens is not None:
+            sampling = dataclasses.replace(sampling, max_new_tokens=self.spec.meta_max_new_tokens)
+        budget = self.max_seq_len - sampling.max_new_tokens
         requests, owners = [], []
         for i, item in enumerate(items):
             content = fill_template(self.spec.meta_template, item.prompt, item.response,
                                     judgement_a=item.judgement_a, judgement_b=item.judgement_b)
             ids = self._chat_ids(content)
             if len(ids) <= budget:
-                requests.append(GenerationRequest(ids, self.spec.sampling, item.seed))
+                requests.append(GenerationRequest(ids, sampling, item.seed))
                 owners.append(i)
         results = self._generate(requests)
         verdicts: list[str | None] = [None] * len(items)
@@ -204,4 +210,4 @@ class JudgeActor(EngineHost):
         for owner, result in zip(owners, results):
             texts[owner] = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
             verdicts[owner] = parse_verdict(texts[owner], self.spec.meta_reward_regex)
-        return MetaBatch(verdicts, texts, sum(len(r.token_ids) for r in results))
+        return MetaBatch(verdicts, texts, sum(len(r.token_ids) for r in results), len(items) - len(owners))

@@ -85,6 +85,7 @@ class JudgeConfig:
     score_high: float = 5.0
     meta_template: str = ""  # the meta-judge prompt: {prompt} {response} {judgement_a} {judgement_b}
     meta_reward_regex: str = r"(?i)winner\s*:\s*judge?ment\s*([AB])\b"
+    meta_max_new_tokens: Optional[int] = None  # the meta-judge's answer length; None = judge.sampling's
     sampling: JudgeSamplingConfig = field(default_factory=JudgeSamplingConfig)
 
 

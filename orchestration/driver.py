@@ -189,6 +189,7 @@ def _specs(cfg: Config, model_dir: Path, renderer: ChatRenderer):
                                   ("{prompt}", "{response}", "{judgement_a}", "{judgement_b}"))
     judge = JudgeSpec(template=_template("judge.template", cfg.judge.template, ("{prompt}", "{response}")),
                       meta_template=meta_template, meta_reward_regex=cfg.judge.meta_reward_regex,
+                      meta_max_new_tokens=cfg.judge.meta_max_new_tokens,
                       sampling=_sampling(cfg.judge.sampling.resolve(cfg.algorithm.sampling)),
                       reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
                       score_high=cfg.judge.score_high, chat_template=chat_template)

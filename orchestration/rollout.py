@@ -82,6 +82,7 @@ class PoolCounters:
 
     generator_tokens: int = 0
     judge_tokens: int = 0
+    meta_too_long: int = 0  # meta-judge prompts that did not fit (run total)
 
     def take(self) -> tuple[int, int]:
         out = (self.generator_tokens, self.judge_tokens)
@@ -223,6 +224,7 @@ class RolloutPipeline:
     def _collect_meta(self, chunk: _Chunk) -> None:
         batch = ray.get(chunk.meta_ref)
         self.counters.judge_tokens += batch.generated_tokens
+        self.counters.meta_too_long += batch.too_long
         verdicts = iter(batch.verdicts)
         for p, candidate, distinct, orders in chunk.meta_plan:
             chunk.scored[p].meta = MetaJudged(candidate, distinct, {order: next(verdicts) for order in orders})

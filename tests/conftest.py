@@ -30,8 +30,9 @@ def toy_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("toy_cache")
 
 
-# A small toy world for tests: trains in about two minutes on 2 cores.
-TOY_TEST_OVERRIDES = ["model.toy.train_prompts=96", "model.toy.val_prompts=32", "model.toy.bootstrap_steps=250"]
+# A small toy world for tests (with some meta-judge examples): trains in a few minutes on 2 cores.
+TOY_TEST_OVERRIDES = ["model.toy.train_prompts=96", "model.toy.val_prompts=32", "model.toy.bootstrap_steps=250",
+                      "model.toy.meta_judgements=400"]
 
 
 @pytest.fixture(scope="session")

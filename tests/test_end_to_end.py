@@ -104,3 +104,26 @@ def test_max_steps_limits_and_knobs(ray_session, toy_cache, tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert len(result.checkpoints) == 1  # stopped inside the first iteration, which still saves
     assert all(r["train/global_batch_pairs"] == 4 for r in steps)
+
+
+def test_meta_rewarding_mixes_judge_pairs_within_the_cap(ray_session, toy_cache, tmp_path):
+    gbs, pcnt = 8, 0.25
+    cfg = load_config([
+        "algorithm=meta_rewarding", f"output_dir={tmp_path}", f"model.toy.cache_dir={toy_cache}",
+        "logger.wandb.mode=disabled", *TOY_TEST_OVERRIDES, f"algorithm.global_batch_size={gbs}",
+        "algorithm.micro_batch_size=4", f"algorithm.meta_judge_pcnt={pcnt}", "algorithm.max_iterations=1",
+        "algorithm.save_interval=2",
+    ])
+    result = run(cfg)
+    rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    steps = [r for r in rows if "train/loss" in r]
+    assert steps
+    cap = round(pcnt * gbs) / gbs
+    for r in steps:
+        assert r["train/global_batch_pairs"] == gbs
+        assert 0 <= r["train/meta_pairs_per_GBS"] <= cap
+        assert 0 <= r["train/meta_judge_parse_rate"] <= 1
+    assert any(r["train/meta_judge_parse_rate"] > 0 for r in steps), "the meta-judge never named a winner"
+    state = json.loads((tmp_path / "checkpoints" / "step_2" / "run_state.json").read_text())
+    assert state["step"] == 2 and isinstance(state["judge_pairs_waiting"], list)
+    assert result.iterations[0]["judge_pairs"] is not None

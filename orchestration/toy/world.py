@@ -20,7 +20,9 @@ from pathlib import Path
 from . import task
 
 # Bump when the code that builds the toy world changes what it produces.
-TOY_WORLD_VERSION = 3  # a recipe with meta_judgements > 0 adds meta-judge examples
+TOY_WORLD_VERSION = 3
+META_PHASE_STEPS = 150  # second bootstrap phase that teaches M1 the meta-judge format
+META_PHASE_BATCH = 32
 SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -75,10 +77,15 @@ def prepare(recipe: ToyRecipe, cache_dir: str | os.PathLike, log=print) -> ToyWo
     """Return the cached toy world for `recipe`, building it first if needed."""
     root = Path(cache_dir).expanduser() / "toy" / recipe.digest()
     if not (root / "report.json").exists():
+        # A meta-judge world is the plain world's M1 plus a second, short phase on meta-judge examples.
+        base = prepare(dataclasses.replace(recipe, meta_judgements=0), cache_dir, log) if recipe.meta_judgements else None
         tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"[toy] building the toy world in {root} (cached for later runs)")
-        _build(recipe, tmp, log)
+        if base is None:
+            _build(recipe, tmp, log)
+        else:
+            _build_meta(recipe, base, tmp, log)
         root.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, root)
@@ -91,33 +98,56 @@ def prepare(recipe: ToyRecipe, cache_dir: str | os.PathLike, log=print) -> ToyWo
 # ---- building ---------------------------------------------------------------------------------------
 
 
-def _build(recipe: ToyRecipe, root: Path, log) -> None:
-    root.mkdir(parents=True)
+def _data(recipe: ToyRecipe) -> tuple[list[tuple[str, str]], list[task.Problem], list[task.Problem]]:
+    """(bootstrap SFT pairs, Self-Rewarding prompts, held-out problems), all from the recipe's seed."""
     rng = random.Random(recipe.seed)
     boot_answers = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.bootstrap_answers)]
     boot_judged = []
     for _ in range(recipe.bootstrap_judgements):
         p = task.sample_problem(rng, recipe.max_operand)
         boot_judged.append((p, task.candidate_answers(rng, p.answer)))
-    meta_rng = random.Random(recipe.seed + 11)  # its own stream: adding meta data leaves the rest unchanged
-    boot_meta = [_meta_example(meta_rng, recipe.max_operand) for _ in range(recipe.meta_judgements)]
     train = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.train_prompts)]
     val = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.val_prompts)]
-    _write_jsonl(root / "train.jsonl", train)
-    _write_jsonl(root / "val.jsonl", val)
-
     sft_pairs = [(p.question, str(p.answer)) for p in boot_answers]
     sft_pairs += [(judge_prompt(p.question, r), task.judgement_text(p, r)) for p, r in boot_judged]
-    sft_pairs += boot_meta
     rng.shuffle(sft_pairs)
+    return sft_pairs, train, val
+
+
+def _build(recipe: ToyRecipe, root: Path, log) -> None:
+    root.mkdir(parents=True)
+    sft_pairs, train, val = _data(recipe)
+    _write_jsonl(root / "train.jsonl", train)
+    _write_jsonl(root / "val.jsonl", val)
     corpus = [q + "\n" + a for q, a in sft_pairs]
     tokenizer = build_tokenizer(corpus, recipe.vocab_size)
     model_dir = root / "model"
     save_initial_model(tokenizer, recipe, model_dir)
     t0 = time.time()
-    _bootstrap_sft(model_dir, tokenizer, sft_pairs, recipe, log)
-    report = evaluate_m1(model_dir, val, recipe.seed, log, meta=recipe.meta_judgements > 0)
+    _bootstrap_sft(model_dir, tokenizer, sft_pairs, recipe, "[toy] bootstrap M0 -> M1", recipe.bootstrap_steps,
+                   recipe.bootstrap_batch, recipe.bootstrap_lr)
+    report = evaluate_m1(model_dir, val, recipe.seed, log)
     report["bootstrap_seconds"] = round(time.time() - t0, 1)
+    (root / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    (root / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def _build_meta(recipe: ToyRecipe, base: ToyWorld, root: Path, log) -> None:
+    """M1 with a meta-judge: the plain M1 trained on meta-judge examples mixed 1:1 with its own data."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(base.root, root)
+    rng = random.Random(recipe.seed + 11)
+    pairs = [_meta_example(rng, recipe.max_operand) for _ in range(recipe.meta_judgements)]
+    replay, _, val = _data(recipe)
+    pairs += rng.sample(replay, min(len(replay), len(pairs)))
+    rng.shuffle(pairs)
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    _bootstrap_sft(root / "model", tokenizer, pairs, recipe, "[toy] meta-judge phase M1 -> M1'",
+                   META_PHASE_STEPS, META_PHASE_BATCH, recipe.bootstrap_lr / 3)
+    report = evaluate_m1(root / "model", val, recipe.seed, log, meta=True)
+    report["bootstrap_seconds"] = round(base.report["bootstrap_seconds"] + time.time() - t0, 1)
     (root / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
     (root / "report.json").write_text(json.dumps(report, indent=2))
 
@@ -182,8 +212,9 @@ def save_initial_model(tokenizer, recipe: ToyRecipe, model_dir: Path) -> None:
     tokenizer.save_pretrained(model_dir)
 
 
-def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], recipe: ToyRecipe, log) -> None:
-    """Supervised M0 -> M1 on instruction and judge-format data (the paper's IFT + EFT), in this process."""
+def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], recipe: ToyRecipe, desc: str,
+                   steps: int, batch_size: int, lr: float) -> None:
+    """Supervised training in this process (M0 -> M1 on instruction and judge-format data: IFT + EFT)."""
     import torch
     from tqdm import tqdm
 
@@ -197,20 +228,20 @@ def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], rec
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
         answer_ids = tokenizer.encode(answer + "<|end|>", add_special_tokens=False)
         samples.append(TrainSample(prompt_ids, answer_ids))
-    optim = OptimConfig(lr=recipe.bootstrap_lr, min_lr=recipe.bootstrap_lr / 10, warmup_steps=50,
-                        schedule="cosine", decay_steps=recipe.bootstrap_steps - 50, weight_decay=0.0,
-                        micro_batch_size=recipe.bootstrap_batch)
+    warmup = min(50, steps // 10)
+    optim = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup, schedule="cosine", decay_steps=steps - warmup,
+                        weight_decay=0.0, micro_batch_size=batch_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     backend = TorchBackend(str(model_dir), optim, seed=recipe.seed)
     loss_cfg = LossConfig(sft_average_log_probs=True)
     rng = random.Random(recipe.seed + 1)
     order: list[int] = []
-    bar = tqdm(range(recipe.bootstrap_steps), desc="[toy] bootstrap M0 -> M1", unit="step", mininterval=1.0)
+    bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1.0)
     for _ in bar:
-        if len(order) < recipe.bootstrap_batch:
+        if len(order) < batch_size:
             order += rng.sample(range(len(samples)), len(samples))
-        batch = [samples[order.pop()] for _ in range(recipe.bootstrap_batch)]
+        batch = [samples[order.pop()] for _ in range(batch_size)]
         metrics = backend.train_step(batch, loss_cfg)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
     bar.close()
