@@ -109,7 +109,7 @@ class ToyConfig:
     val_prompts: int = 128
     bootstrap_steps: int = 600
     bootstrap_lr: float = 3e-3
-    meta_judgements: int = 0  # meta-judge examples in the bootstrap (the meta_rewarding preset sets them)
+    meta_judgements: Optional[int] = None  # meta-judge bootstrap examples; None = 1500 with the meta-judge, else 0
 
 
 @dataclass

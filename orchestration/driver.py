@@ -31,6 +31,7 @@ from .metrics import MetricsLogger
 from .report import format_table
 
 COMPLETE_MARKER = "run_complete.json"
+TOY_META_JUDGEMENTS = 1500  # meta-judge bootstrap examples when the meta-judge is on
 
 
 @dataclass
@@ -144,7 +145,7 @@ def _resolve_model(cfg: Config, log):
     t = cfg.model.toy
     recipe = toy_world.ToyRecipe(max_operand=t.max_operand, train_prompts=t.train_prompts,
                                  val_prompts=t.val_prompts, bootstrap_steps=t.bootstrap_steps,
-                                 bootstrap_lr=t.bootstrap_lr, meta_judgements=t.meta_judgements)
+                                 bootstrap_lr=t.bootstrap_lr, meta_judgements=_toy_meta_judgements(cfg))
     toy = toy_world.prepare(recipe, t.cache_dir, log)
     log(f"[toy] M1 at {toy.model_dir}: answer accuracy {toy.report['answer_accuracy']:.1%}, judge parse rate "
         f"{toy.report['judge_parse_rate']:.1%}, judge accuracy {toy.report['judge_accuracy']:.1%}")
@@ -153,6 +154,12 @@ def _resolve_model(cfg: Config, log):
         return ToyEvaluator(renderer, JsonlDataset(toy.val_file))
 
     return toy.model_dir, (toy.train_file, toy.val_file), evaluator, toy.report
+
+
+def _toy_meta_judgements(cfg: Config) -> int:
+    if cfg.model.toy.meta_judgements is not None:
+        return cfg.model.toy.meta_judgements
+    return TOY_META_JUDGEMENTS if cfg.algorithm.use_meta_judge else 0
 
 
 def _sampling(s: SamplingConfig) -> SamplingParams:

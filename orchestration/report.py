@@ -11,6 +11,7 @@ COLUMNS = (
     ("rejected_score", "rejected score", "{:.2f}"),
     ("bad_sample_rate", "bad samples", "{:.1%}"),
     ("pairs_trained", "pairs", "{}"),
+    ("judge_pairs", "judge pairs", "{}"),
     ("steps", "steps", "{}"),
     ("pairs_per_s", "pairs/s", "{:.2f}"),
     ("val_loss", "val loss", "{:.4f}"),
