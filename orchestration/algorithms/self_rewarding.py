@@ -298,6 +298,7 @@ class SelfRewarding:
             "train/judge_responses_trimmed": s.judge_trimmed / max(1, s.judged_responses),
             "train/judge_too_long": s.judge_too_long / max(1, s.judged_responses),
             "train/meta_pairs_per_GBS": len(batch.judge_samples) / len(batch.samples),
+            "train/meta_comparisons": s.meta_verdicts,
             "train/meta_judge_parse_rate": s.meta_valid_verdicts / s.meta_verdicts if s.meta_verdicts else 0.0,
             "train/meta_prompts_too_long": pipeline.counters.meta_too_long,
             "train/length_control": rho,
