@@ -8,6 +8,7 @@ weights and both pools are refit to them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -339,15 +340,7 @@ class SelfRewarding:
             rows = [[self.step, o.prompt_text, o.chosen_text, o.rejected_text, o.sample.chosen_score,
                      o.sample.rejected_score] for o in batch.outcomes[:GENERATION_TABLE_ROWS]]
             self.ctx.metrics.table("table/train_generations", list(GENERATION_TABLE_COLUMNS), rows, self.step)
-        if self.ctx.val is None:
-            return None
-        a = self.cfg.algorithm
-        samples = []
-        for i in range(limited(len(self.ctx.val), a.limit_val_batches, a.global_batch_size)):
-            conv = self.ctx.val[i]
-            encoded = self.ctx.encode(conv)
-            if encoded is not None and encoded.answer_ids is not None:
-                samples.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
+        samples = self._val_samples()
         if not samples:
             return None
         loss = self.pools.learner.sft_nll(samples)
@@ -355,6 +348,19 @@ class SelfRewarding:
         self.ctx.metrics.log({"val/loss": loss}, self.step)
         self.ctx.log(f"[validation] step {self.step}: val/loss={loss:.4f}")
         return loss
+
+    @functools.cache
+    def _val_samples(self) -> list[TrainSample]:
+        """The validation answers, tokenised once (limit_val_batches applied)."""
+        if self.ctx.val is None:
+            return []
+        a = self.cfg.algorithm
+        samples = []
+        for i in range(limited(len(self.ctx.val), a.limit_val_batches, a.global_batch_size)):
+            encoded = self.ctx.encode(self.ctx.val[i])
+            if encoded is not None and encoded.answer_ids is not None:
+                samples.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
+        return samples
 
     def _after_step(self, batch: Batch | None) -> None:
         """Step-interval work: validation with the generations table, and checkpoints."""
