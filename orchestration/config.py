@@ -29,6 +29,14 @@ class SamplingConfig:
     stop_strings: list = field(default_factory=list)
 
 
+def sampling_params(s: SamplingConfig):
+    """The engines' SamplingParams for a sampling block of the configuration."""
+    from actors.engines.protocol import SamplingParams
+
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                          max_new_tokens=s.max_new_tokens, stop_strings=tuple(s.stop_strings))
+
+
 @dataclass
 class AlgorithmConfig:
     name: str = "self_rewarding"

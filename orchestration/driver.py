@@ -16,7 +16,6 @@ import ray
 from omegaconf import OmegaConf
 
 from actors.engine_host import EngineSpec
-from actors.engines.protocol import SamplingParams
 from actors.judge import JudgeSpec
 from learner.group import LearnerSpec
 from learner.types import OptimConfig
@@ -24,7 +23,7 @@ from learner.types import OptimConfig
 from .algorithms.self_rewarding import SelfRewarding
 from .chat import PRESETS, ChatRenderer
 from .cluster import connect, start_pools
-from .config import Config, ConfigError, SamplingConfig
+from .config import Config, ConfigError, sampling_params
 from .context import RunContext
 from .data import JsonlDataset
 from .metrics import MetricsLogger
@@ -162,11 +161,6 @@ def _toy_meta_judgements(cfg: Config) -> int:
     return TOY_META_JUDGEMENTS if cfg.algorithm.use_meta_judge else 0
 
 
-def _sampling(s: SamplingConfig) -> SamplingParams:
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          max_new_tokens=s.max_new_tokens, stop_strings=tuple(s.stop_strings))
-
-
 def _template(key: str, value: str, slots: tuple[str, ...]) -> str:
     """A judge template from config: "toy" (the toy world's), a file path, or the text itself."""
     if value == "toy":
@@ -197,7 +191,7 @@ def _specs(cfg: Config, model_dir: Path, renderer: ChatRenderer):
     judge = JudgeSpec(template=_template("judge.template", cfg.judge.template, ("{prompt}", "{response}")),
                       meta_template=meta_template, meta_reward_regex=cfg.judge.meta_reward_regex,
                       meta_max_new_tokens=cfg.judge.meta_max_new_tokens,
-                      sampling=_sampling(cfg.judge.sampling.resolve(cfg.algorithm.sampling)),
+                      sampling=sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling)),
                       reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
                       score_high=cfg.judge.score_high, chat_template=chat_template)
     o = cfg.learner.optim

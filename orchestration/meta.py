@@ -15,9 +15,6 @@ from typing import Sequence
 
 import numpy as np
 
-from actors.judge import DEFAULT_META_REGEX, parse_verdict  # noqa: F401  (re-exported for callers)
-
-
 def strip_score(judgement: str, reward_regex: str) -> str:
     """The judgement without its score (the meta-judge must compare reasoning, not read off the grade)."""
     return re.sub(reward_regex, "", judgement, count=1).rstrip()

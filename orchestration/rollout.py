@@ -105,7 +105,6 @@ class RolloutPipeline:
         self._chunks: deque[_Chunk] = deque()
         self._submitted = 0
         self._judge_calls = 0
-        self._source_done = False
         self.counters = PoolCounters()
 
     # ---- driving -----------------------------------------------------------------------------------
@@ -113,11 +112,6 @@ class RolloutPipeline:
     @property
     def prompts_in_flight(self) -> int:
         return sum(len(c.records) for c in self._chunks)
-
-    @property
-    def exhausted(self) -> bool:
-        """No more prompts to submit and nothing in flight."""
-        return self._source_done and not self._chunks
 
     def submit_next(self) -> bool:
         """Submit the next chunk of prompts for generation; False when the prompt stream is over."""
@@ -127,7 +121,6 @@ class RolloutPipeline:
             if len(records) == self.chunk_size:
                 break
         if not records:
-            self._source_done = True
             return False
         chunk = _Chunk(records)
         requests = [GenerationRequest(r.prompt_ids, self.sampling,

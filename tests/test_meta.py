@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from actors.judge import parse_verdict
 from orchestration import meta
 
 
@@ -15,7 +16,7 @@ from orchestration import meta
     ("I prefer A", None),
 ])
 def test_parse_verdict(text, expected):
-    assert meta.parse_verdict(text) == expected
+    assert parse_verdict(text) == expected
 
 
 def test_strip_score_removes_only_the_grade():

@@ -20,12 +20,11 @@ from typing import Callable, Iterator
 
 import ray
 
-from actors.engines.protocol import SamplingParams
 from learner.types import LossConfig, TrainSample
 
 from ..batching import Batch, GlobalBatcher, OutcomeStats, PromptOutcome
 from ..cluster import Pools, refit
-from ..config import Config, limited, per_iteration
+from ..config import Config, limited, per_iteration, sampling_params
 from ..context import RunContext
 from .. import meta
 from ..pairs import Candidate, select_pair
@@ -73,10 +72,7 @@ class IterationSummary:
 class SelfRewarding:
     def __init__(self, cfg: Config, ctx: RunContext, pools: Pools):
         self.cfg, self.ctx, self.pools = cfg, ctx, pools
-        a = cfg.algorithm
-        s = a.sampling
-        self.sampling = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                       max_new_tokens=s.max_new_tokens, stop_strings=tuple(s.stop_strings))
+        self.sampling = sampling_params(cfg.algorithm.sampling)
         self.step = 0  # optimizer steps over the whole run
         self.consumed = 0  # pairs (or SFT samples) trained on over the whole run
         self.version = 0  # weight version the pools serve

@@ -223,9 +223,7 @@ def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], rec
 
     samples = []
     for question, answer in pairs:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                               add_generation_prompt=True)
-        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids = _prompt_ids(tokenizer, question)
         answer_ids = tokenizer.encode(answer + "<|end|>", add_special_tokens=False)
         samples.append(TrainSample(prompt_ids, answer_ids))
     warmup = min(50, steps // 10)
