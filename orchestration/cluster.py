@@ -15,8 +15,9 @@ from learner.group import LearnerGroup, LearnerSpec
 from .config import ClusterConfig
 
 
-def connect(cluster: ClusterConfig) -> bool:
+def connect(cluster: ClusterConfig, *, judges: bool = True, learner: bool = True) -> bool:
     """Start a local cluster (cluster.address empty) or join an existing one ("auto" or host:port).
+    A local cluster gets CPUs for the pools the run uses (`judges`, `learner`).
 
     Returns True when this call initialised Ray (so the caller shuts it down again)."""
     if ray.is_initialized():
@@ -28,8 +29,8 @@ def connect(cluster: ClusterConfig) -> bool:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     needed = (cluster.generators.replicas * cluster.generators.num_cpus
-              + cluster.judges.replicas * cluster.judges.num_cpus
-              + cluster.learner.workers * cluster.learner.num_cpus)
+              + (cluster.judges.replicas * cluster.judges.num_cpus if judges else 0)
+              + (cluster.learner.workers * cluster.learner.num_cpus if learner else 0))
     num_cpus = cluster.num_cpus if cluster.num_cpus is not None else int(-(-needed // 1))
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     return True
@@ -38,8 +39,8 @@ def connect(cluster: ClusterConfig) -> bool:
 @dataclass
 class Pools:
     generators: list  # GeneratorActor handles
-    judges: list  # JudgeActor handles
-    learner: LearnerGroup
+    judges: list  # JudgeActor handles; empty when the algorithm has no judge (SPIN, generation)
+    learner: LearnerGroup | None  # None for the generation job
 
     @property
     def engines(self) -> list:
@@ -48,17 +49,21 @@ class Pools:
     def shutdown(self) -> None:
         for actor in self.engines:
             ray.kill(actor)
-        self.learner.shutdown()
+        if self.learner is not None:
+            self.learner.shutdown()
 
 
-def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judge_engine: EngineSpec, judge: JudgeSpec,
-                learner: LearnerSpec) -> Pools:
+def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judge_engine: EngineSpec | None = None,
+                judge: JudgeSpec | None = None, learner: LearnerSpec | None = None) -> Pools:
+    """Start the generator pool, and the judge pool and learner group when given their specs."""
     g, j = cluster.generators, cluster.judges
     gen_cls = ray.remote(GeneratorActor).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus)
-    judge_cls = ray.remote(JudgeActor).options(num_cpus=j.num_cpus, num_gpus=j.num_gpus)
     generators = [gen_cls.remote(gen_engine) for _ in range(g.replicas)]
-    judges = [judge_cls.remote(judge_engine, judge) for _ in range(j.replicas)]
-    group = LearnerGroup(learner)  # blocks until the torch.distributed group is up
+    judges = []
+    if judge is not None:
+        judge_cls = ray.remote(JudgeActor).options(num_cpus=j.num_cpus, num_gpus=j.num_gpus)
+        judges = [judge_cls.remote(judge_engine, judge) for _ in range(j.replicas)]
+    group = LearnerGroup(learner) if learner is not None else None  # blocks until torch.distributed is up
     ray.get([a.weight_version.remote() for a in generators + judges])  # engines loaded
     return Pools(generators, judges, group)
 

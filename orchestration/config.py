@@ -98,6 +98,17 @@ class JudgeConfig:
 
 
 @dataclass
+class SpinConfig:
+    mix_previous_iteration: bool = False  # also train on (ground truth, M_{t-1}'s response), as the paper did
+
+
+@dataclass
+class GenerationConfig:
+    output_file: Optional[str] = None  # None = <output_dir>/generations.jsonl
+    keep_unended: bool = True  # keep responses that hit max_new_tokens, flagged "ended": false
+
+
+@dataclass
 class OptimSchema:
     lr: float = 5e-7
     min_lr: float = 0.0
@@ -186,6 +197,8 @@ class LoggerConfig:
 class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    spin: SpinConfig = field(default_factory=SpinConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -196,7 +209,9 @@ class Config:
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-ALGORITHMS = ("self_rewarding", "meta_rewarding")
+ALGORITHMS = ("self_rewarding", "meta_rewarding", "spin", "generate")
+JUDGED = ("self_rewarding", "meta_rewarding")  # the algorithms that run a judge pool
+SCORE_FREE_LOSSES = ("dpo", "ipo")  # the losses that need no judge scores (SPIN has none)
 CHOICES = {
     "algorithm.name": ALGORITHMS,
     "algorithm.preference_loss": ("dpo", "ipo", "rpo_sq", "rpo_bwd_kl", "rpo_fwd_kl", "scale"),
@@ -264,8 +279,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"algorithm.{key} must be >= 1, got {getattr(a, key)}")
     if a.max_steps < -1 or a.max_steps == 0:
         raise ConfigError(f"algorithm.max_steps must be -1 (no cap) or >= 1, got {a.max_steps}")
-    if a.num_responses_to_gen < 2:
+    if a.num_responses_to_gen < 2 and a.name in JUDGED:
         raise ConfigError("algorithm.num_responses_to_gen must be >= 2 to form a (chosen, rejected) pair")
+    if a.name == "spin":
+        _validate_spin(a)
     workers = cfg.cluster.learner.workers
     if workers < 1:
         raise ConfigError(f"cluster.learner.workers must be >= 1, got {workers}")
@@ -300,6 +317,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face checkpoint directory (no config.json)")
     if cfg.model.path is not None and cfg.data.train_file is None:
         raise ConfigError("data.train_file is required with model.path (the toy data only fits the toy model)")
+
+
+def _validate_spin(a: AlgorithmConfig) -> None:
+    if a.preference_loss not in SCORE_FREE_LOSSES:
+        raise ConfigError(f"algorithm.preference_loss={a.preference_loss!r} needs judge scores, which SPIN does not "
+                          f"have: use one of {', '.join(SCORE_FREE_LOSSES)}")
+    for key in ("first_iteration_sft", "use_meta_judge"):
+        if getattr(a, key):
+            raise ConfigError(f"algorithm.{key}=true is a Self-Rewarding option; SPIN trains on the "
+                              "ground-truth answers from the first iteration")
 
 
 def per_iteration(value: Any, iteration: int) -> float:

@@ -20,13 +20,16 @@ from actors.judge import JudgeSpec
 from learner.group import LearnerSpec
 from learner.types import OptimConfig
 
+from .algorithms.generate import BatchGeneration, open_output, output_path, settings as generation_settings
 from .algorithms.self_rewarding import SelfRewarding
+from .algorithms.spin import Spin
 from .chat import PRESETS, ChatRenderer
 from .cluster import connect, start_pools
-from .config import Config, ConfigError, sampling_params
+from .config import JUDGED, Config, ConfigError, sampling_params
 from .context import RunContext
 from .data import JsonlDataset
 from .metrics import MetricsLogger
+from .resumable_output import ResumableJsonl
 from .report import format_table
 
 COMPLETE_MARKER = "run_complete.json"
@@ -40,9 +43,12 @@ class RunResult:
     iterations: list[dict]  # one row per iteration (and a final row with the final model's accuracy)
     metrics_file: Path
     seconds: float
+    generation: dict | None = None  # algorithm=generate: its summary (output file, counts, tokens/s)
 
 
 def run(cfg: Config, log=print) -> RunResult:
+    if cfg.algorithm.name == "generate":
+        return _run_generation(cfg, log)
     start = time.perf_counter()
     out = Path(cfg.output_dir).expanduser().resolve()
     marker = out / COMPLETE_MARKER
@@ -54,37 +60,26 @@ def run(cfg: Config, log=print) -> RunResult:
         raise ConfigError(f"output_dir={str(out)!r} holds an unfinished run; resuming it is not supported yet: "
                           "choose another output_dir or delete that one")
     out.mkdir(parents=True, exist_ok=True)
-
-    # Read the user's data first: a broken file should fail before a model is built or loaded.
-    first_sft = cfg.algorithm.first_iteration_sft
-    train = _open(cfg.data.train_file, cfg, require_answer=first_sft, log=log)
-    val = _open(cfg.data.val_file, cfg, require_answer=True, log=log)
-    model_dir, toy_files, evaluator_factory, toy_report = _resolve_model(cfg, log)
-    if train is None:
-        train = _open(toy_files[0], cfg, require_answer=first_sft, log=log)
-    if val is None and toy_files:
-        val = _open(toy_files[1], cfg, require_answer=True, log=log)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    renderer = ChatRenderer(tokenizer, cfg.data.chat_template)
+    # SPIN's chosen responses and first_iteration_sft's targets are the dataset's answers.
+    setup = _prepare(cfg, log, require_answer=cfg.algorithm.name == "spin" or cfg.algorithm.first_iteration_sft)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
-    started_ray = connect(cfg.cluster)
+    judged = cfg.algorithm.name in JUDGED
+    started_ray = connect(cfg.cluster, judges=judged)
     metrics = MetricsLogger(out, cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.name,
                             OmegaConf.to_container(OmegaConf.structured(cfg)))
     pools = None
     try:
         log(f"[run] starting pools: {cfg.cluster.generators.replicas} generator(s), "
-            f"{cfg.cluster.judges.replicas} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
-        pools = start_pools(cfg.cluster, *_specs(cfg, model_dir, renderer))
-        for ds, name in ((train, "train"), (val, "val")):
+            f"{cfg.cluster.judges.replicas if judged else 0} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
+        gen_engine, judge_engine, judge, learner = _specs(cfg, setup.model_dir, setup.renderer)
+        pools = start_pools(cfg.cluster, gen_engine, judge_engine if judged else None, judge if judged else None,
+                            learner)
+        for ds, name in ((setup.train, "train"), (setup.val, "val")):
             if ds is not None and ds.num_bad_lines:
                 metrics.log({f"data/{name}_bad_lines": ds.num_bad_lines}, 0)
-        ctx = RunContext(tokenizer, renderer, train, val, metrics, _max_prompt_length(cfg, model_dir),
-                         cfg.data.on_long_prompt, normalise_prompt=cfg.algorithm.normalise_prompt, evaluator=evaluator_factory(renderer) if evaluator_factory else None,
-                         log=log)
-        algorithm = SelfRewarding(cfg, ctx, pools)
+        ctx = _context(cfg, setup, metrics, log)
+        algorithm = (Spin if cfg.algorithm.name == "spin" else SelfRewarding)(cfg, ctx, pools)
         summaries = algorithm.run()
         if ctx.long_prompts:
             metrics.log({"data/long_prompts_dropped": len(ctx.long_prompts)}, algorithm.step)
@@ -97,11 +92,82 @@ def run(cfg: Config, log=print) -> RunResult:
     rows = [s.row() for s in summaries]
     seconds = time.perf_counter() - start
     log(format_table(rows))
-    if toy_report:
-        log(f"[toy] bootstrap M1 report: {json.dumps(toy_report)}")
+    if setup.toy_report:
+        log(f"[toy] bootstrap M1 report: {json.dumps(setup.toy_report)}")
     marker.write_text(json.dumps({"iterations": rows, "seconds": seconds}, indent=2))
     log(f"[run] finished in {seconds:.0f}s; outputs in {out}")
     return _result(out, rows, seconds)
+
+
+def _run_generation(cfg: Config, log) -> RunResult:
+    """algorithm=generate: the output file itself is the job's state (a rerun resumes it)."""
+    start = time.perf_counter()
+    out = Path(cfg.output_dir).expanduser().resolve()
+    setup = _prepare(cfg, log, require_answer=False)
+    output = ResumableJsonl(output_path(cfg), generation_settings(cfg, setup.model_dir))
+    start_at = open_output(output, len(setup.train), log)
+    if start_at == len(setup.train):
+        output.close()
+        log(f"[generate] {output.path} is complete ({start_at} prompts); nothing to do")
+        return RunResult(out, [], [], out / "metrics.jsonl", time.perf_counter() - start,
+                         generation={"output_file": str(output.path), "prompts": start_at, "resumed_at": start_at})
+    started_ray = connect(cfg.cluster, judges=False, learner=False)
+    pools = None
+    try:
+        log(f"[run] starting {cfg.cluster.generators.replicas} generator(s)")
+        gen_engine = _specs(cfg, setup.model_dir, setup.renderer)[0]
+        pools = start_pools(cfg.cluster, gen_engine)
+        ctx = _context(cfg, setup, None, log)
+        summary = BatchGeneration(cfg, ctx, pools.generators, output).run(start_at)
+    finally:
+        output.close()
+        if pools is not None:
+            pools.shutdown()
+        if started_ray:
+            ray.shutdown()
+    seconds = time.perf_counter() - start
+    log(f"[generate] {summary.prompts} prompts in {output.path} ({summary.generated_prompts} generated now, "
+        f"{summary.responses} responses, {summary.unended} unended"
+        + (f", {summary.dropped_unended} of them left out (generation.keep_unended=false)"
+           if summary.dropped_unended else "")
+        + (f", {summary.skipped_prompts} prompts too long, written with no responses" if summary.skipped_prompts
+           else "")
+        + (f"; {summary.tokens / summary.seconds:.0f} tokens/s" if summary.seconds else "") + ")")
+    return RunResult(out, [], [], out / "metrics.jsonl", seconds, generation=summary.as_dict())
+
+
+@dataclass
+class _Setup:
+    train: JsonlDataset
+    val: JsonlDataset | None
+    model_dir: Path
+    evaluator_factory: object
+    toy_report: dict | None
+    tokenizer: object
+    renderer: ChatRenderer
+
+
+def _prepare(cfg: Config, log, *, require_answer: bool) -> _Setup:
+    """Data, model and tokenizer. The user's data is read first: a broken file fails before a model is built."""
+    train = _open(cfg.data.train_file, cfg, require_answer=require_answer, log=log)
+    val = _open(cfg.data.val_file, cfg, require_answer=True, log=log)
+    model_dir, toy_files, evaluator_factory, toy_report = _resolve_model(cfg, log)
+    if train is None:
+        train = _open(toy_files[0], cfg, require_answer=require_answer, log=log)
+    if val is None and toy_files:
+        val = _open(toy_files[1], cfg, require_answer=True, log=log)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return _Setup(train, val, model_dir, evaluator_factory, toy_report, tokenizer,
+                  ChatRenderer(tokenizer, cfg.data.chat_template))
+
+
+def _context(cfg: Config, setup: _Setup, metrics: MetricsLogger | None, log) -> RunContext:
+    evaluator = setup.evaluator_factory(setup.renderer) if setup.evaluator_factory else None
+    return RunContext(setup.tokenizer, setup.renderer, setup.train, setup.val, metrics,
+                      _max_prompt_length(cfg, setup.model_dir), cfg.data.on_long_prompt,
+                      normalise_prompt=cfg.algorithm.normalise_prompt, evaluator=evaluator, log=log)
 
 
 def _max_prompt_length(cfg: Config, model_dir: Path) -> int:

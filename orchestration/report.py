@@ -20,9 +20,10 @@ COLUMNS = (
 
 def format_table(rows: list[dict]) -> str:
     """Iteration t's row describes M_t (task accuracy) and the data it made; the last row without pairs is
-    the final model."""
-    header = [title for _, title, _ in COLUMNS]
-    body = [[_cell(row.get(key), fmt) for key, _, fmt in COLUMNS] for row in rows]
+    the final model. Columns no row has a value for (judge columns under SPIN) are left out."""
+    columns = [c for c in COLUMNS if c[0] == "iteration" or any(row.get(c[0]) is not None for row in rows)]
+    header = [title for _, title, _ in columns]
+    body = [[_cell(row.get(key), fmt) for key, _, fmt in columns] for row in rows]
     if rows and not rows[-1].get("steps") and rows[-1].get("task_accuracy") is not None:
         body[-1][0] = "final"
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]

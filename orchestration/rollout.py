@@ -3,8 +3,9 @@
 
 Chunks go round-robin to replicas and run concurrently with each other and with learner steps; results
 are released strictly in submission order so the pairs (and so every batch) are the same whatever the
-number of replicas or the timing. Request seeds are derived from (seed, iteration, epoch, prompt index,
-sample index), never from the replica or the batch.
+number of replicas or the timing. Request seeds are derived from (seed, iteration, prompt index, sample
+index) (SPEC section 9), never from the replica, the batch or the epoch: a later epoch of an iteration sees
+the same responses and judgements as the first, as if the iteration's data had been generated once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+def response_text(tokenizer, result: GenerationResult) -> str:
+    """A response as people (and the judge) read it: without its end token or stop string."""
+    text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    if result.stop_text and text.endswith(result.stop_text):
+        text = text[: -len(result.stop_text)]
+    return text.strip()
+
+
 @dataclass(frozen=True)
 class PromptRecord:
     index: int  # position in the prompt dataset
@@ -36,6 +45,7 @@ class PromptRecord:
     user_text: str  # what the judge sees as the prompt
     last_user_text: str  # the judge's fallback when the whole prompt does not fit
     metadata: dict
+    answer_ids: list[int] | None = None  # the ground-truth answer's tokens (SPIN)
 
 
 @dataclass
@@ -102,6 +112,8 @@ class RolloutPipeline:
         self.chunk_size = chunk_size
         self.seed, self.iteration = seed, iteration
         self.meta_reward_regex = meta_reward_regex  # set: run the meta-judge, stripping scores with it
+        if num_evals and not judges:
+            raise ValueError("judging needs at least one judge replica")
         self._chunks: deque[_Chunk] = deque()
         self._submitted = 0
         self._judge_calls = 0
@@ -124,7 +136,7 @@ class RolloutPipeline:
             return False
         chunk = _Chunk(records)
         requests = [GenerationRequest(r.prompt_ids, self.sampling,
-                                      derive_seed(self.seed, self.iteration, r.epoch, r.index, j, "gen"))
+                                      derive_seed(self.seed, self.iteration, r.index, j, "gen"))
                     for r in records for j in range(self.n)]
         replica = self.generators[self._submitted % len(self.generators)]
         chunk.gen_ref = replica.generate.remote(requests)
@@ -164,14 +176,20 @@ class RolloutPipeline:
         items = []
         for p, record in enumerate(chunk.records):
             responses = batch.results[p * self.n : (p + 1) * self.n]
-            texts = [self._response_text(r) for r in responses]
+            texts = [response_text(self.tokenizer, r) for r in responses]
             chunk.responses.append(responses)
             chunk.texts.append(texts)
+            if not self.k:  # no judge (SPIN): generation is the last stage
+                chunk.scored.append(ScoredPrompt(record, responses, texts, [None] * len(responses)))
+                continue
             for j, (resp, text) in enumerate(zip(responses, texts)):
                 if resp.finish_reason == "stop":
-                    seeds = tuple(derive_seed(self.seed, self.iteration, record.epoch, record.index, j, e, "judge")
+                    seeds = tuple(derive_seed(self.seed, self.iteration, record.index, j, e, "judge")
                                   for e in range(self.k))
                     items.append(JudgeItem(record.user_text, text, seeds, record.last_user_text))
+        if not self.k:
+            chunk.result = chunk.scored
+            return
         replica = self.judges[self._judge_calls % len(self.judges)]
         self._judge_calls += 1
         chunk.judge_ref = replica.judge.remote(items)
@@ -206,7 +224,7 @@ class RolloutPipeline:
                     r.user_text, scored.texts[candidate],
                     meta.strip_score(texts[distinct[a]], self.meta_reward_regex),
                     meta.strip_score(texts[distinct[b]], self.meta_reward_regex),
-                    derive_seed(self.seed, self.iteration, r.epoch, r.index, candidate, a, b, "meta")))
+                    derive_seed(self.seed, self.iteration, r.index, candidate, a, b, "meta")))
         if not items:
             return False
         replica = self.judges[self._judge_calls % len(self.judges)]
@@ -222,10 +240,3 @@ class RolloutPipeline:
         for p, candidate, distinct, orders in chunk.meta_plan:
             chunk.scored[p].meta = MetaJudged(candidate, distinct, {order: next(verdicts) for order in orders})
         chunk.result = chunk.scored
-
-    def _response_text(self, result: GenerationResult) -> str:
-        """What the judge reads: the response without its end token or stop string."""
-        text = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-        if result.stop_text and text.endswith(result.stop_text):
-            text = text[: -len(result.stop_text)]
-        return text.strip()
