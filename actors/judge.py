@@ -122,8 +122,8 @@ class MetaBatch:
 
 
 class JudgeActor(EngineHost):
-    def __init__(self, engine: EngineSpec, spec: JudgeSpec, weight_version: int = 0):
-        super().__init__(engine, weight_version)
+    def __init__(self, engine: EngineSpec, spec: JudgeSpec):
+        super().__init__(engine)
         from transformers import AutoTokenizer
 
         self.spec = spec

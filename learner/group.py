@@ -29,6 +29,8 @@ class LearnerSpec:
     dtype: str = "float32"
     seed: int = 0
     backend: str = "torch"
+    reference_dir: str | None = None  # resuming mid-iteration: the iteration-start weights (None = model_dir)
+    resume_dir: str | None = None  # a checkpoint whose optimizer, schedule and RNG states to load
     torch_threads: int = 1  # CPU threads per worker; keeps several actors from oversubscribing the cores
 
 
@@ -58,7 +60,15 @@ class LearnerWorker:
         if self.spec.backend != "torch":
             raise ValueError(f"learner.backend={self.spec.backend!r} is not available; use 'torch'")
         self.backend = TorchBackend(self.spec.model_dir, self.spec.optim, device=device, dtype=self.spec.dtype,
-                                    rank=self.rank, world_size=world, seed=self.spec.seed)
+                                    rank=self.rank, world_size=world, seed=self.spec.seed,
+                                    reference_dir=self.spec.reference_dir)
+        if self.spec.resume_dir:
+            self.backend.load_training_state(self.spec.resume_dir)
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> bool:
+        """Answers while a step runs (its own thread): a health check that tells a busy worker from a hung one."""
+        return True
 
     def train_step(self, samples: Sequence[TrainSample], loss_cfg: LossConfig) -> dict[str, float]:
         return self.backend.train_step(samples, loss_cfg)
@@ -72,8 +82,11 @@ class LearnerWorker:
     def reset_optimizer(self) -> None:
         self.backend.reset_optimizer()
 
-    def save(self, path: str) -> None:
-        self.backend.save(path)
+    def rng_state(self) -> dict:
+        return self.backend.rng_state()
+
+    def save(self, path: str, rng_states: list[dict]) -> None:
+        self.backend.save(path, rng_states)
 
     def export_bucket_refs(self, bucket_bytes: int) -> list:
         """Put each weight bucket in the object store once; replicas read it zero-copy."""
@@ -90,7 +103,8 @@ class LearnerWorker:
 class LearnerGroup:
     def __init__(self, spec: LearnerSpec):
         self.spec = spec
-        actor_cls = ray.remote(LearnerWorker).options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
+        actor_cls = ray.remote(concurrency_groups={"health": 1})(LearnerWorker).options(
+            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
         self.workers = [actor_cls.remote(spec, rank) for rank in range(spec.workers)]
         host, port = ray.get(self.workers[0].rendezvous_address.remote())
         ray.get([w.setup.remote(host, port) for w in self.workers])
@@ -123,7 +137,12 @@ class LearnerGroup:
         ray.get([w.reset_optimizer.remote() for w in self.workers])
 
     def save(self, path: str) -> None:
-        ray.get([w.save.remote(path) for w in self.workers])
+        """Rank 0 writes the checkpoint, with every rank's RNG state."""
+        rngs = ray.get([w.rng_state.remote() for w in self.workers])
+        ray.get([w.save.remote(path, rngs) for w in self.workers])
+
+    def ping_refs(self) -> list:
+        return [w.ping.remote() for w in self.workers]
 
     def export_bucket_refs(self, bucket_bytes: int) -> list:
         return ray.get(self.workers[0].export_bucket_refs.remote(bucket_bytes))

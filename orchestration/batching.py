@@ -10,7 +10,7 @@ cut depends only on the order of the outcomes, never on when they arrived.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from learner.types import TrainSample
 
@@ -52,6 +52,15 @@ class PromptOutcome:
     chosen_text: str = ""
     rejected_text: str = ""
     reason: str = ""  # why a bad sample is bad
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "PromptOutcome":
+        sample = lambda x: TrainSample(**x) if x is not None else None  # noqa: E731
+        return PromptOutcome(**{**d, "stats": OutcomeStats(**d["stats"]), "sample": sample(d["sample"]),
+                                "judge_sample": sample(d["judge_sample"])})
 
 
 @dataclass
@@ -112,6 +121,14 @@ class GlobalBatcher:
                 self._judge_waiting.append(outcome.judge_sample)
         batch.judge_samples = [self._judge_waiting.popleft() for _ in range(take_judge)]
         return batch
+
+    def state(self) -> dict:
+        """Pairs made but not yet trained on, and judge pairs waiting: part of a checkpoint."""
+        return {"queue": [o.to_dict() for o in self._queue], "judge_waiting": [asdict(s) for s in self._judge_waiting]}
+
+    def restore(self, state: dict) -> None:
+        self._queue = deque(PromptOutcome.from_dict(d) for d in state["queue"])
+        self._judge_waiting = deque(TrainSample(**d) for d in state["judge_waiting"])
 
     def drain(self) -> tuple[list[PromptOutcome], list[TrainSample]]:
         """Everything left when the iteration ends: (outcomes, waiting judge pairs). These go unused."""

@@ -1,11 +1,22 @@
-"""Ray cluster connection and the three pools: generators, judges, learner group."""
+"""Ray cluster connection, the three pools, failure recovery for engine replicas, and health checks.
+
+Generator and judge replicas are restartable Ray actors (`cluster.max_restarts`). A call whose replica died
+is not retried by Ray: the pool waits for the replica to come back, loads the current weight version into
+it (a restarted replica starts from the weights it was created with), and the caller issues the call
+again with the same seeds, so the tokens are the ones the lost call would have produced. Learner workers
+are not restartable: their state is the run's, so a dead worker stops the run (it resumes from the last
+checkpoint).
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from actors.engine_host import EngineSpec
 from actors.generator import GeneratorActor
@@ -13,6 +24,16 @@ from actors.judge import JudgeActor, JudgeSpec
 from learner.group import LearnerGroup, LearnerSpec
 
 from .config import ClusterConfig
+
+RECOVERABLE = (RayActorError, ActorUnavailableError)  # errors of a call whose replica died or went away
+
+
+class ReplicaFailed(RuntimeError):
+    """An engine replica failed more often than cluster.max_restarts allows."""
+
+
+class LearnerFailed(RuntimeError):
+    """A learner worker died or stopped answering."""
 
 
 def connect(cluster: ClusterConfig, *, judges: bool = True, learner: bool = True) -> bool:
@@ -36,41 +57,163 @@ def connect(cluster: ClusterConfig, *, judges: bool = True, learner: bool = True
     return True
 
 
+def engine_actor(cls, *, num_cpus: float, num_gpus: float, max_restarts: int = 0):
+    """The Ray actor class of an engine host: a "health" thread for pings, restartable."""
+    return ray.remote(concurrency_groups={"health": 1})(cls).options(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0)
+
+
 @dataclass
-class Pools:
-    generators: list  # GeneratorActor handles
-    judges: list  # JudgeActor handles; empty when the algorithm has no judge (SPIN, generation)
-    learner: LearnerGroup | None  # None for the generation job
+class EnginePool:
+    """Replicas of one kind (generators or judges). Indexable like the list of actor handles."""
+
+    name: str
+    actors: list
+    max_restarts: int
+    timeout_s: float = 60.0  # how long a restarting replica may take to answer again
+    log: Callable[[str], None] = print
+    restarts: list[int] = field(default_factory=list)
+    version: int = 0  # the weight version every replica must serve
+    weight_refs: tuple = ()  # the buckets of `version` (empty: the weights the replicas were created with)
+
+    def __post_init__(self):
+        self.restarts = [0] * len(self.actors)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __getitem__(self, i: int):
+        return self.actors[i]
+
+    def __iter__(self):
+        return iter(self.actors)
 
     @property
-    def engines(self) -> list:
-        return self.generators + self.judges
+    def total_restarts(self) -> int:
+        return sum(self.restarts)
+
+    def call(self, replica: int, method: str, *args):
+        return getattr(self.actors[replica], method).remote(*args)
+
+    def recover(self, replica: int, error: Exception) -> None:
+        """Wait for a replica Ray is restarting and bring it to the current weights; ReplicaFailed when it
+        has failed more than max_restarts times."""
+        self.restarts[replica] += 1
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if self.restarts[replica] > self.max_restarts:
+            raise ReplicaFailed(f"{self.name} replica {replica} failed {self.restarts[replica]} times, more than "
+                                f"cluster.max_restarts={self.max_restarts} allows; last error: {first_line}")
+        self.log(f"[cluster] {self.name} replica {replica} died ({first_line}); restart "
+                 f"{self.restarts[replica]}/{self.max_restarts}, re-issuing its work")
+        actor = self.actors[replica]
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                version = ray.get(actor.weight_version.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (GetTimeoutError, *RECOVERABLE) as e:
+                if time.monotonic() > deadline:
+                    raise ReplicaFailed(f"{self.name} replica {replica} did not come back within "
+                                        f"{self.timeout_s:.0f}s after a crash: {e}") from None
+                time.sleep(0.5)
+        if version != self.version:
+            ray.get(actor.load_weights.remote(self.version, *self.weight_refs))
+
+    def load(self, version: int, refs: list) -> None:
+        """Refit every replica to `version`; a replica that dies meanwhile is recovered (and so refit)."""
+        self.version, self.weight_refs = version, tuple(refs)
+        pending = {i: actor.load_weights.remote(version, *refs) for i, actor in enumerate(self.actors)}
+        for i, ref in pending.items():
+            try:
+                loaded = ray.get(ref)
+            except RECOVERABLE as e:
+                self.recover(i, e)
+                loaded = ray.get(self.actors[i].weight_version.remote())
+            if loaded != version:
+                raise RuntimeError(f"refit of {self.name} replica {i} to version {version} failed: it reports {loaded}")
 
     def shutdown(self) -> None:
-        for actor in self.engines:
-            ray.kill(actor)
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+@dataclass
+class Pools:
+    generators: EnginePool
+    judges: EnginePool  # empty when the algorithm has no judge (SPIN, generation)
+    learner: LearnerGroup | None  # None for the generation job
+    health_interval_s: float = 30.0
+    health_timeout_s: float = 60.0
+    _last_progress: float = field(default_factory=time.monotonic)
+
+    @property
+    def engine_pools(self) -> list[EnginePool]:
+        return [p for p in (self.generators, self.judges) if len(p)]
+
+    @property
+    def actor_restarts(self) -> int:
+        return sum(p.total_restarts for p in self.engine_pools)
+
+    def wait(self, refs: list, timeout_s: float = 1.0) -> set:
+        """ray.wait for one of `refs`, at most `timeout_s`; with no progress for cluster.health_check_interval_s,
+        ping every actor: a hung replica is killed so Ray restarts it, a dead or hung learner stops the run."""
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s) if refs else ([], [])
+        now = time.monotonic()
+        if ready:
+            self._last_progress = now
+        elif now - self._last_progress > self.health_interval_s:
+            self.health_check()
+            self._last_progress = time.monotonic()
+        return set(ready)
+
+    def health_check(self) -> None:
+        engines = [(pool, i, pool.actors[i].ping.remote()) for pool in self.engine_pools for i in range(len(pool))]
+        learner = self.learner.ping_refs() if self.learner is not None else []
+        refs = [ref for _, _, ref in engines] + learner
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.health_timeout_s)
+        done = set(done)
+        for rank, ref in enumerate(learner):
+            if ref not in done:
+                raise LearnerFailed(f"learner worker {rank} did not answer a health check within "
+                                    f"{self.health_timeout_s:.0f}s (cluster.health_check_timeout_s)")
+            try:
+                ray.get(ref)
+            except RECOVERABLE as e:
+                raise LearnerFailed(f"learner worker {rank} died: {e}") from None
+        for pool, i, ref in engines:
+            if ref not in done:  # alive but not answering: restart it; its pending call fails and is re-issued
+                pool.log(f"[cluster] {pool.name} replica {i} did not answer a health check within "
+                         f"{self.health_timeout_s:.0f}s; killing it so Ray restarts it")
+                ray.kill(pool.actors[i], no_restart=False)
+
+    def shutdown(self) -> None:
+        for pool in (self.generators, self.judges):
+            pool.shutdown()
         if self.learner is not None:
             self.learner.shutdown()
 
 
 def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judge_engine: EngineSpec | None = None,
-                judge: JudgeSpec | None = None, learner: LearnerSpec | None = None) -> Pools:
+                judge: JudgeSpec | None = None, learner: LearnerSpec | None = None, log=print) -> Pools:
     """Start the generator pool, and the judge pool and learner group when given their specs."""
     g, j = cluster.generators, cluster.judges
-    gen_cls = ray.remote(GeneratorActor).options(num_cpus=g.num_cpus, num_gpus=g.num_gpus)
+    gen_cls = engine_actor(GeneratorActor, num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=cluster.max_restarts)
     generators = [gen_cls.remote(gen_engine) for _ in range(g.replicas)]
     judges = []
     if judge is not None:
-        judge_cls = ray.remote(JudgeActor).options(num_cpus=j.num_cpus, num_gpus=j.num_gpus)
+        judge_cls = engine_actor(JudgeActor, num_cpus=j.num_cpus, num_gpus=j.num_gpus, max_restarts=cluster.max_restarts)
         judges = [judge_cls.remote(judge_engine, judge) for _ in range(j.replicas)]
     group = LearnerGroup(learner) if learner is not None else None  # blocks until torch.distributed is up
     ray.get([a.weight_version.remote() for a in generators + judges])  # engines loaded
-    return Pools(generators, judges, group)
+    pool = lambda name, actors: EnginePool(name, actors, cluster.max_restarts,  # noqa: E731
+                                           cluster.health_check_timeout_s, log, version=gen_engine.weight_version)
+    return Pools(pool("generator", generators), pool("judge", judges), group,
+                 cluster.health_check_interval_s, cluster.health_check_timeout_s)
 
 
 def refit(pools: Pools, version: int, bucket_bytes: int) -> None:
-    """Publish the learner's weights as `version` and wait until every engine serves it."""
+    """Publish the learner's weights as `version` and wait until every engine serves it. The pools keep the
+    bucket refs until the next refit, for replicas that restart in between."""
     refs = pools.learner.export_bucket_refs(bucket_bytes)
-    loaded = ray.get([a.load_weights.remote(version, *refs) for a in pools.engines])
-    if any(v != version for v in loaded):
-        raise RuntimeError(f"refit to version {version} failed: engines report {loaded}")
+    for pool in pools.engine_pools:
+        pool.load(version, refs)

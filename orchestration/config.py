@@ -172,6 +172,9 @@ class ClusterConfig:
     generators: PoolConfig = field(default_factory=PoolConfig)
     judges: PoolConfig = field(default_factory=PoolConfig)
     learner: LearnerClusterConfig = field(default_factory=LearnerClusterConfig)
+    max_restarts: int = 3  # per generator/judge replica; one more failure stops the run (with a checkpoint)
+    health_check_interval_s: float = 30.0  # with no progress this long, ping every actor
+    health_check_timeout_s: float = 60.0  # a ping (or a restarting replica) unanswered this long: hung
 
 
 @dataclass
@@ -186,6 +189,11 @@ class WandbConfig:
     mode: str = "offline"
     project: str = "selfreward"
     name: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: Optional[int] = None  # step checkpoints kept (newest first); None = all. Iteration ends are kept.
 
 
 @dataclass
@@ -204,8 +212,11 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "outputs/self_rewarding"
     seed: int = 42
+    resume: str = "auto"  # auto: continue from the newest complete checkpoint; never; or a checkpoint directory
+    max_time_per_run: Optional[str] = None  # "DD:HH:MM:SS" or seconds: save and exit 0 before this wall time
 
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -309,6 +320,12 @@ def validate(cfg: Config) -> None:
     for pool in ("generators", "judges"):
         if getattr(cfg.cluster, pool).replicas < 1:
             raise ConfigError(f"cluster.{pool}.replicas must be >= 1")
+    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be >= 1 or null (keep all), got {cfg.checkpoint.keep_last}")
+    if cfg.cluster.max_restarts < 0:
+        raise ConfigError(f"cluster.max_restarts must be >= 0, got {cfg.cluster.max_restarts}")
+    if cfg.max_time_per_run is not None:
+        max_seconds(cfg.max_time_per_run)
     if cfg.judge.score_low >= cfg.judge.score_high:
         raise ConfigError(f"judge.score_low={cfg.judge.score_low} must be below judge.score_high={cfg.judge.score_high}")
     if cfg.model.path is None and cfg.model.name != "toy":
@@ -327,6 +344,26 @@ def _validate_spin(a: AlgorithmConfig) -> None:
         if getattr(a, key):
             raise ConfigError(f"algorithm.{key}=true is a Self-Rewarding option; SPIN trains on the "
                               "ground-truth answers from the first iteration")
+
+
+def max_seconds(value: str | None) -> float | None:
+    """max_time_per_run in seconds: "DD:HH:MM:SS" (or a shorter tail of it, "HH:MM:SS") or a number."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        if ":" not in text:
+            seconds = float(text)
+        else:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) > 4:
+                raise ValueError
+            seconds = sum(p * m for p, m in zip(reversed(parts), (1, 60, 3600, 86400)))
+    except ValueError:
+        raise ConfigError(f"max_time_per_run={value!r} is not \"DD:HH:MM:SS\", \"HH:MM:SS\" or a number of seconds") from None
+    if seconds <= 0:
+        raise ConfigError(f"max_time_per_run={value!r} must be positive")
+    return seconds
 
 
 def per_iteration(value: Any, iteration: int) -> float:

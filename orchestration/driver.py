@@ -14,6 +14,7 @@ from pathlib import Path
 
 import ray
 from omegaconf import OmegaConf
+from ray.exceptions import RayActorError
 
 from actors.engine_host import EngineSpec
 from actors.judge import JudgeSpec
@@ -24,12 +25,14 @@ from .algorithms.generate import BatchGeneration, open_output, output_path, sett
 from .algorithms.self_rewarding import SelfRewarding
 from .algorithms.spin import Spin
 from .chat import PRESETS, ChatRenderer
-from .cluster import connect, start_pools
-from .config import JUDGED, Config, ConfigError, sampling_params
+from .checkpoint import Checkpoint, Checkpoints
+from .cluster import LearnerFailed, ReplicaFailed, connect, start_pools
+from .config import JUDGED, Config, ConfigError, max_seconds, sampling_params
 from .context import RunContext
 from .data import JsonlDataset
 from .metrics import MetricsLogger
 from .resumable_output import ResumableJsonl
+from .stopping import StopRequested, Stopper
 from .report import format_table
 
 COMPLETE_MARKER = "run_complete.json"
@@ -43,22 +46,25 @@ class RunResult:
     iterations: list[dict]  # one row per iteration (and a final row with the final model's accuracy)
     metrics_file: Path
     seconds: float
+    stopped: str | None = None  # why the run stopped cleanly before its end (it resumes from its checkpoint)
     generation: dict | None = None  # algorithm=generate: its summary (output file, counts, tokens/s)
 
 
 def run(cfg: Config, log=print) -> RunResult:
+    """Run (or resume) the configured algorithm. Raises ConfigError/DataError on bad input and RunFailed
+    when an actor failure stops the run; a clean stop returns a result with `stopped` set."""
     if cfg.algorithm.name == "generate":
         return _run_generation(cfg, log)
     start = time.perf_counter()
+    stopper = Stopper(max_seconds(cfg.max_time_per_run))
     out = Path(cfg.output_dir).expanduser().resolve()
     marker = out / COMPLETE_MARKER
     if marker.exists():
         done = json.loads(marker.read_text())
         log(f"[run] {out} holds a finished run; nothing to do.\n{format_table(done['iterations'])}")
         return _result(out, done["iterations"], done["seconds"])
-    if (out / "metrics.jsonl").exists() or (out / "checkpoints").exists():
-        raise ConfigError(f"output_dir={str(out)!r} holds an unfinished run; resuming it is not supported yet: "
-                          "choose another output_dir or delete that one")
+    checkpoints = Checkpoints(out, cfg.checkpoint.keep_last)
+    resume = _resume_point(cfg, out, checkpoints, log)
     out.mkdir(parents=True, exist_ok=True)
     # SPIN's chosen responses and first_iteration_sft's targets are the dataset's answers.
     setup = _prepare(cfg, log, require_answer=cfg.algorithm.name == "spin" or cfg.algorithm.first_iteration_sft)
@@ -66,24 +72,42 @@ def run(cfg: Config, log=print) -> RunResult:
 
     judged = cfg.algorithm.name in JUDGED
     started_ray = connect(cfg.cluster, judges=judged)
+    stale = resume is None and (out / "metrics.jsonl").exists()  # a run that stopped before its first checkpoint
     metrics = MetricsLogger(out, cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.name,
-                            OmegaConf.to_container(OmegaConf.structured(cfg)))
+                            OmegaConf.to_container(OmegaConf.structured(cfg)),
+                            resume_sizes=resume.state["metrics_bytes"] if resume else ({} if stale else None))
     pools = None
+    stopper.install()
     try:
         log(f"[run] starting pools: {cfg.cluster.generators.replicas} generator(s), "
             f"{cfg.cluster.judges.replicas if judged else 0} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
-        gen_engine, judge_engine, judge, learner = _specs(cfg, setup.model_dir, setup.renderer)
+        weights = _weights(setup.model_dir, resume)
+        gen_engine, judge_engine, judge, learner = _specs(cfg, setup.model_dir, setup.renderer, weights)
         pools = start_pools(cfg.cluster, gen_engine, judge_engine if judged else None, judge if judged else None,
-                            learner)
+                            learner, log=log)
+        if resume is not None and resume.state["phase"] == "end" and cfg.algorithm.reset_optimizer_each_iteration:
+            pools.learner.reset_optimizer()  # the boundary after an iteration-end checkpoint
         for ds, name in ((setup.train, "train"), (setup.val, "val")):
             if ds is not None and ds.num_bad_lines:
                 metrics.log({f"data/{name}_bad_lines": ds.num_bad_lines}, 0)
         ctx = _context(cfg, setup, metrics, log)
-        algorithm = (Spin if cfg.algorithm.name == "spin" else SelfRewarding)(cfg, ctx, pools)
+        algorithm = (Spin if cfg.algorithm.name == "spin" else SelfRewarding)(
+            cfg, ctx, pools, checkpoints=checkpoints, reference_dir=str(setup.model_dir), stopper=stopper,
+            resume=resume)
         summaries = algorithm.run()
         if ctx.long_prompts:
             metrics.log({"data/long_prompts_dropped": len(ctx.long_prompts)}, algorithm.step)
+    except StopRequested as e:
+        log(f"[run] stopped cleanly ({e.reason}); checkpoint {e.checkpoint}. Run the same command again to "
+            "continue from it.")
+        return RunResult(out, [], [], out / "metrics.jsonl", time.perf_counter() - start, stopped=e.reason)
+    except (LearnerFailed, ReplicaFailed, RayActorError) as e:
+        latest = checkpoints.latest()
+        where = f"the last complete checkpoint is {latest.path}" if latest else "no checkpoint was completed yet"
+        raise RunFailed(f"the run stopped: {e}. {where}; run the same command again to resume "
+                        f"{'from it' if latest else 'from the start'}.") from None
     finally:
+        stopper.uninstall()
         if pools is not None:
             pools.shutdown()
         metrics.close()
@@ -97,6 +121,54 @@ def run(cfg: Config, log=print) -> RunResult:
     marker.write_text(json.dumps({"iterations": rows, "seconds": seconds}, indent=2))
     log(f"[run] finished in {seconds:.0f}s; outputs in {out}")
     return _result(out, rows, seconds)
+
+
+class RunFailed(RuntimeError):
+    """An actor failure stopped the run; the message says where it can resume from."""
+
+
+def _resume_point(cfg: Config, out: Path, checkpoints: Checkpoints, log) -> Checkpoint | None:
+    """The checkpoint this run continues from (resume=auto: the newest complete one), or None."""
+    if cfg.resume not in ("auto", "never"):
+        found = Checkpoints.named(cfg.resume)
+        log(f"[run] resuming from {found.path} (step {found.state['step']}, iteration {found.state['iteration']})")
+        return found
+    unfinished = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
+    if cfg.resume == "never":
+        if unfinished:
+            raise ConfigError(f"output_dir={str(out)!r} holds an unfinished run and resume=never: choose another "
+                              "output_dir, delete that one, or resume=auto to continue it")
+        return None
+    removed = checkpoints.recover()
+    if removed:
+        log(f"[run] removed incomplete checkpoint files left by a crash: {', '.join(removed)}")
+    found = checkpoints.latest()
+    if found is not None:
+        log(f"[run] resuming from {found.path} (step {found.state['step']}, iteration {found.state['iteration']}, "
+            f"{'end of the iteration' if found.state['phase'] == 'end' else 'inside the iteration'})")
+    elif unfinished:
+        log(f"[run] {out} holds a run that stopped before its first checkpoint: starting from the beginning")
+    return found
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """Where each side's starting weights come from (a fresh run: all the input model)."""
+
+    policy: str
+    reference: str | None = None  # None: a copy of the policy
+    learner_state: str | None = None  # a checkpoint with optimizer, schedule and RNG states
+    engines: str = ""
+    version: int = 0
+
+
+def _weights(model_dir: Path, resume: Checkpoint | None) -> _Weights:
+    if resume is None:
+        return _Weights(str(model_dir), engines=str(model_dir))
+    st, path = resume.state, str(resume.path)
+    if st["phase"] == "end":  # past the boundary: M_{t+1} is policy, reference and what the pools serve
+        return _Weights(path, None, path, path, st["weight_version"] + 1)
+    return _Weights(path, st["reference"], path, st["reference"], st["weight_version"])
 
 
 def _run_generation(cfg: Config, log) -> RunResult:
@@ -116,9 +188,9 @@ def _run_generation(cfg: Config, log) -> RunResult:
     try:
         log(f"[run] starting {cfg.cluster.generators.replicas} generator(s)")
         gen_engine = _specs(cfg, setup.model_dir, setup.renderer)[0]
-        pools = start_pools(cfg.cluster, gen_engine)
+        pools = start_pools(cfg.cluster, gen_engine, log=log)
         ctx = _context(cfg, setup, None, log)
-        summary = BatchGeneration(cfg, ctx, pools.generators, output).run(start_at)
+        summary = BatchGeneration(cfg, ctx, pools, output).run(start_at)
     finally:
         output.close()
         if pools is not None:
@@ -242,10 +314,11 @@ def _template(key: str, value: str, slots: tuple[str, ...]) -> str:
     return value
 
 
-def _specs(cfg: Config, model_dir: Path, renderer: ChatRenderer):
+def _specs(cfg: Config, model_dir: Path, renderer: ChatRenderer, weights: _Weights | None = None):
     c = cfg.cluster
-    engine = dict(model_dir=str(model_dir), dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
-                  device="cuda" if c.generators.num_gpus > 0 else "cpu")
+    weights = weights or _Weights(str(model_dir), engines=str(model_dir))
+    engine = dict(model_dir=weights.engines, dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
+                  device="cuda" if c.generators.num_gpus > 0 else "cpu", weight_version=weights.version)
     gen_engine = EngineSpec(**engine, max_batch_size=c.generators.max_batch_size)
     judge_engine = EngineSpec(**{**engine, "device": "cuda" if c.judges.num_gpus > 0 else "cpu"},
                               max_batch_size=c.judges.max_batch_size)
@@ -264,9 +337,10 @@ def _specs(cfg: Config, model_dir: Path, renderer: ChatRenderer):
     optim = OptimConfig(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
                         warmup_steps=o.warmup_steps, schedule=o.schedule, decay_steps=_decay_steps(cfg),
                         max_grad_norm=o.max_grad_norm, micro_batch_size=cfg.algorithm.micro_batch_size)
-    learner = LearnerSpec(model_dir=str(model_dir), optim=optim, workers=c.learner.workers,
+    learner = LearnerSpec(model_dir=weights.policy, optim=optim, workers=c.learner.workers,
                           num_cpus=c.learner.num_cpus, num_gpus=c.learner.num_gpus, dtype=cfg.learner.dtype,
-                          seed=cfg.seed, backend=cfg.learner.backend)
+                          seed=cfg.seed, backend=cfg.learner.backend, reference_dir=weights.reference,
+                          resume_dir=weights.learner_state)
     return gen_engine, judge_engine, judge, learner
 
 

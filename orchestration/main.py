@@ -18,12 +18,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args)
-        from .driver import run
+        from .driver import RunFailed, run
 
         run(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -21,6 +21,8 @@ from actors.engines.protocol import GenerationRequest, GenerationResult, Samplin
 from actors.judge import JudgeItem, Judgement, MetaItem
 
 from . import meta
+from .cluster import RECOVERABLE
+from .faults import crash_point
 
 
 def derive_seed(*parts: object) -> int:
@@ -67,11 +69,20 @@ class ScoredPrompt:
 
 
 @dataclass
+class _Call:
+    """A remote call of a chunk, kept so it can be issued again if its replica dies."""
+
+    stage: str  # "generate" | "judge" | "meta_judge" (the actor method)
+    pool: object  # EnginePool
+    replica: int
+    args: tuple
+    ref: object = None
+
+
+@dataclass
 class _Chunk:
     records: list[PromptRecord]
-    gen_ref: object = None
-    judge_ref: object = None
-    meta_ref: object = None
+    call: _Call | None = None
     meta_plan: list[tuple[int, int, list[int], list[tuple[int, int]]]] = field(default_factory=list)
     responses: list[list[GenerationResult]] = field(default_factory=list)
     texts: list[list[str]] = field(default_factory=list)
@@ -81,9 +92,7 @@ class _Chunk:
     @property
     def waiting_on(self):
         """The remote call this chunk waits for, or None when it is finished."""
-        if self.result is not None:
-            return None
-        return self.meta_ref or self.judge_ref or self.gen_ref
+        return None if self.result is not None else self.call.ref
 
 
 @dataclass
@@ -101,7 +110,10 @@ class PoolCounters:
 
 
 class RolloutPipeline:
-    def __init__(self, generators: list, judges: list, records: Iterator[PromptRecord], *, tokenizer,
+    """`generators` and `judges` are EnginePools (orchestration.cluster): a call whose replica died is
+    issued again, with the same seeds, once the pool has the replica back at the current weights."""
+
+    def __init__(self, generators, judges, records: Iterator[PromptRecord], *, tokenizer,
                  sampling: SamplingParams, num_responses: int, num_evals: int, chunk_size: int, seed: int,
                  iteration: int, meta_reward_regex: str | None = None):
         self.generators, self.judges = generators, judges
@@ -117,6 +129,7 @@ class RolloutPipeline:
         self._chunks: deque[_Chunk] = deque()
         self._submitted = 0
         self._judge_calls = 0
+        self.released = 0  # records handed out by pop_ready (the data position a checkpoint keeps)
         self.counters = PoolCounters()
 
     # ---- driving -----------------------------------------------------------------------------------
@@ -138,8 +151,8 @@ class RolloutPipeline:
         requests = [GenerationRequest(r.prompt_ids, self.sampling,
                                       derive_seed(self.seed, self.iteration, r.index, j, "gen"))
                     for r in records for j in range(self.n)]
-        replica = self.generators[self._submitted % len(self.generators)]
-        chunk.gen_ref = replica.generate.remote(requests)
+        self._issue(chunk, _Call("generate", self.generators, self._submitted % len(self.generators), (requests,)))
+        crash_point("generation")
         self._chunks.append(chunk)
         self._submitted += 1
         return True
@@ -149,29 +162,42 @@ class RolloutPipeline:
         return [c.waiting_on for c in self._chunks if c.waiting_on is not None]
 
     def advance(self, ready: set) -> None:
-        """Move every chunk whose remote call finished on to its next stage."""
+        """Move every chunk whose remote call finished on to its next stage (or issue it again if its
+        replica died)."""
         for chunk in self._chunks:
             ref = chunk.waiting_on
             if ref is None or ref not in ready:
                 continue
-            if ref is chunk.gen_ref:
-                self._start_judging(chunk)
-            elif ref is chunk.judge_ref:
-                self._collect_judgements(chunk)
-            else:
-                self._collect_meta(chunk)
+            call = chunk.call
+            try:
+                value = ray.get(ref)
+            except RECOVERABLE as e:
+                call.pool.recover(call.replica, e)
+                self._issue(chunk, call)
+                continue
+            {"generate": self._start_judging, "judge": self._collect_judgements,
+             "meta_judge": self._collect_meta}[call.stage](chunk, value)
 
     def pop_ready(self) -> list[ScoredPrompt]:
         """Scored prompts of the finished chunks at the head of the queue, in submission order."""
         out: list[ScoredPrompt] = []
         while self._chunks and self._chunks[0].result is not None:
             out.extend(self._chunks.popleft().result)
+        self.released += len(out)
         return out
+
+    @staticmethod
+    def _issue(chunk: _Chunk, call: _Call) -> None:
+        call.ref = call.pool.call(call.replica, call.stage, *call.args)
+        chunk.call = call
+
+    def _next_judge(self) -> int:
+        self._judge_calls += 1
+        return (self._judge_calls - 1) % len(self.judges)
 
     # ---- stages ----------------------------------------------------------------------------------
 
-    def _start_judging(self, chunk: _Chunk) -> None:
-        batch = ray.get(chunk.gen_ref)
+    def _start_judging(self, chunk: _Chunk, batch) -> None:
         self.counters.generator_tokens += sum(len(r.token_ids) for r in batch.results)
         items = []
         for p, record in enumerate(chunk.records):
@@ -190,12 +216,9 @@ class RolloutPipeline:
         if not self.k:
             chunk.result = chunk.scored
             return
-        replica = self.judges[self._judge_calls % len(self.judges)]
-        self._judge_calls += 1
-        chunk.judge_ref = replica.judge.remote(items)
+        self._issue(chunk, _Call("judge", self.judges, self._next_judge(), (items,)))
 
-    def _collect_judgements(self, chunk: _Chunk) -> None:
-        batch = ray.get(chunk.judge_ref)
+    def _collect_judgements(self, chunk: _Chunk, batch) -> None:
         self.counters.judge_tokens += batch.generated_tokens
         judged = iter(batch.judgements)
         for record, responses, texts in zip(chunk.records, chunk.responses, chunk.texts):
@@ -227,13 +250,10 @@ class RolloutPipeline:
                     derive_seed(self.seed, self.iteration, r.index, candidate, a, b, "meta")))
         if not items:
             return False
-        replica = self.judges[self._judge_calls % len(self.judges)]
-        self._judge_calls += 1
-        chunk.meta_ref = replica.meta_judge.remote(items)
+        self._issue(chunk, _Call("meta_judge", self.judges, self._next_judge(), (items,)))
         return True
 
-    def _collect_meta(self, chunk: _Chunk) -> None:
-        batch = ray.get(chunk.meta_ref)
+    def _collect_meta(self, chunk: _Chunk, batch) -> None:
         self.counters.judge_tokens += batch.generated_tokens
         self.counters.meta_too_long += batch.too_long
         verdicts = iter(batch.verdicts)

@@ -11,7 +11,7 @@ from actors.engines.protocol import GenerationRequest, SamplingParams
 from actors.generator import GeneratorActor
 from learner.group import LearnerGroup, LearnerSpec
 from learner.types import LossConfig, OptimConfig, TrainSample
-from orchestration.cluster import refit
+from orchestration.cluster import EnginePool, Pools, engine_actor, refit
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +34,8 @@ def tiny_model(tmp_path_factory):
 def test_refit_copies_trained_weights_into_every_engine(ray_session, tiny_model):
     group = LearnerGroup(LearnerSpec(model_dir=tiny_model, optim=OptimConfig(lr=1e-2, micro_batch_size=2), workers=2))
     engine = EngineSpec(model_dir=tiny_model, max_batch_size=4)
-    actors = [ray.remote(GeneratorActor).options(num_cpus=0.5).remote(engine) for _ in range(2)]
-
-    class Pools:  # the two attributes refit() uses
-        learner = group
-        engines = actors
+    actors = [engine_actor(GeneratorActor, num_cpus=0.5, num_gpus=0).remote(engine) for _ in range(2)]
+    pools = Pools(EnginePool("generator", actors, max_restarts=0), EnginePool("judge", [], max_restarts=0), group)
 
     before = ray.get(actors[0].weight_digest.remote())
     assert before == group.weight_digest()
@@ -47,7 +44,7 @@ def test_refit_copies_trained_weights_into_every_engine(ray_session, tiny_model)
     trained = group.weight_digest()
     assert trained != before
 
-    refit(Pools, version=1, bucket_bytes=2048)  # small buckets: several per refit
+    refit(pools, version=1, bucket_bytes=2048)  # small buckets: several per refit
     for actor in actors:
         assert ray.get(actor.weight_digest.remote()) == trained
         out = ray.get(actor.generate.remote([GenerationRequest([2, 3], SamplingParams(temperature=0, max_new_tokens=3))]))

@@ -31,7 +31,7 @@ class FakeTokenizer:
 def make_spin(tmp_path, *overrides):
     cfg = load_config(["algorithm=spin", f"output_dir={tmp_path}", *overrides])
     ctx = SimpleNamespace(tokenizer=FakeTokenizer(), evaluator=None)
-    spin = Spin(cfg, ctx, pools=None)
+    spin = Spin(cfg, ctx, pools=None, checkpoints=None, reference_dir="")
     spin._previous, spin._keep, spin._written = None, None, set()
     return spin
 

@@ -30,11 +30,12 @@ from ..types import LossConfig, OptimConfig, TrainSample
 _STATS = ("pairs", "loss", "preference_loss", "sft_loss", "acc", "r_chosen", "r_rejected", "r_sq",
           "chosen_len", "reject_len")
 OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
 
 
 class TorchBackend:
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
-                 rank: int = 0, world_size: int = 1, seed: int = 0):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None):
         torch.manual_seed(seed)
         hf_logging.disable_progress_bar()  # per-load bars from every worker would drown the step lines
         self.model_dir = model_dir
@@ -46,7 +47,11 @@ class TorchBackend:
         self.model = model
         if world_size > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(model)
-        self.reference = self._frozen_copy(model)
+        if reference_dir is None:
+            self.reference = self._frozen_copy(model)
+        else:  # resuming mid-iteration: the reference is the iteration-start weights, not the policy's
+            reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=getattr(torch, dtype))
+            self.reference = self._frozen_copy(reference.to(self.device))
         self.optimizer = self._new_optimizer()
         self.step = 0  # optimizer steps taken since the optimizer was (re)created
 
@@ -197,8 +202,16 @@ class TorchBackend:
     def export_buckets(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[dict]:
         return pack_buckets(self.named_weights(), bucket_bytes)
 
-    def save(self, path: str) -> None:
-        """Write a Hugging Face checkpoint directory plus optimizer state, atomically (rank 0 only)."""
+    def rng_state(self) -> dict:
+        """This rank's random generators (part of a checkpoint, so a resumed run draws the same numbers)."""
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def save(self, path: str, rng_states: list[dict] | None = None) -> None:
+        """Write a Hugging Face checkpoint directory plus optimizer, schedule and RNG state, atomically
+        (rank 0 only; `rng_states` holds every rank's)."""
         if self.rank != 0:
             return
         final = Path(path)
@@ -207,16 +220,25 @@ class TorchBackend:
         self.module.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / OPTIMIZER_FILE)
+        torch.save(rng_states or [self.rng_state()], tmp / RNG_FILE)
         with open(tmp / "learner_state.json", "w") as f:
             json.dump({"step": self.step, "world_size": self.world_size}, f)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
 
-    def load_optimizer(self, path: str) -> None:
+    def load_training_state(self, path: str) -> None:
+        """Optimizer moments, schedule position and this rank's RNG from a checkpoint written by `save`."""
         state = torch.load(Path(path) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
+        rngs = torch.load(Path(path) / RNG_FILE, map_location="cpu", weights_only=False)
+        if len(rngs) != self.world_size:
+            raise ValueError(f"{path} holds RNG states of {len(rngs)} learner ranks, this group has "
+                             f"{self.world_size}: resume with the same cluster.learner.workers")
+        torch.set_rng_state(rngs[self.rank]["torch"])
+        if "cuda" in rngs[self.rank] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rngs[self.rank]["cuda"])
 
     # ---- helpers -------------------------------------------------------------------------------------
 

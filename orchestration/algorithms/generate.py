@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from actors.engines.protocol import GenerationRequest
 
+from ..cluster import RECOVERABLE, Pools
 from ..config import Config, ConfigError, sampling_params
 from ..context import RunContext
 from ..resumable_output import ResumableJsonl
@@ -80,8 +81,9 @@ def open_output(output: ResumableJsonl, total: int, log) -> int:
 
 
 class BatchGeneration:
-    def __init__(self, cfg: Config, ctx: RunContext, generators: list, output: ResumableJsonl):
-        self.cfg, self.ctx, self.generators, self.output = cfg, ctx, generators, output
+    def __init__(self, cfg: Config, ctx: RunContext, pools: Pools, output: ResumableJsonl):
+        self.cfg, self.ctx, self.pools, self.output = cfg, ctx, pools, output
+        self.generators = pools.generators
         self.sampling = sampling_params(cfg.algorithm.sampling)
         self.n = cfg.algorithm.num_responses_to_gen
 
@@ -110,12 +112,18 @@ class BatchGeneration:
                 while next_submit < len(chunks) and len(in_flight) < CHUNKS_PER_REPLICA * len(self.generators):
                     in_flight[next_submit] = self._submit(next_submit, chunks[next_submit])
                     next_submit += 1
-                refs = [ref for ref, _ in in_flight.values() if ref is not None]
-                done = set(ray.wait(refs, num_returns=1)[0]) if refs else set()
-                for number, (ref, prompts) in list(in_flight.items()):
-                    if ref is None or ref in done:
+                refs = [ref for ref, _, _ in in_flight.values() if ref is not None]
+                done = self.pools.wait(refs) if refs else set()
+                for number, (ref, prompts, requests) in list(in_flight.items()):
+                    if ref is not None and ref not in done:
+                        continue
+                    try:
                         results[number] = self._lines(prompts, ray.get(ref).results if ref else [], summary)
                         del in_flight[number]
+                    except RECOVERABLE as e:  # the replica died: same requests, same seeds, once it is back
+                        replica = number % len(self.generators)
+                        self.generators.recover(replica, e)
+                        in_flight[number] = (self.generators.call(replica, "generate", requests), prompts, requests)
                 while next_write in results:  # in input order, whole chunks at a time
                     lines = results.pop(next_write)
                     self.output.append(lines)
@@ -139,8 +147,8 @@ class BatchGeneration:
                 requests += [GenerationRequest(encoded.prompt_ids, self.sampling,
                                                derive_seed(self.cfg.seed, "generate", index, j))
                              for j in range(self.n)]
-        replica = self.generators[number % len(self.generators)]
-        return (replica.generate.remote(requests) if requests else None), prompts
+        replica = number % len(self.generators)
+        return (self.generators.call(replica, "generate", requests) if requests else None), prompts, requests
 
     def _lines(self, prompts: list, results: list, summary: GenerationSummary) -> list[dict]:
         lines, at = [], 0

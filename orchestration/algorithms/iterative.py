@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
+import itertools
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,10 +23,13 @@ import ray
 from learner.types import LossConfig, TrainSample
 
 from ..batching import Batch, GlobalBatcher, OutcomeStats, PromptOutcome
-from ..cluster import Pools, refit
+from ..checkpoint import Checkpoint, Checkpoints
+from ..cluster import RECOVERABLE, LearnerFailed, Pools, ReplicaFailed, refit
 from ..config import Config, limited, per_iteration, sampling_params
 from ..context import RunContext
+from ..faults import crash_point
 from ..rollout import PromptRecord, RolloutPipeline, ScoredPrompt
+from ..stopping import StopRequested, Stopper
 
 BUCKET_BYTES = 256 << 20
 GENERATION_TABLE_COLUMNS = ("step", "prompt", "chosen", "rejected", "chosen_score", "rejected_score")
@@ -67,26 +69,39 @@ class IterationSummary:
             "checkpoint": self.checkpoint,
         }
 
+    @staticmethod
+    def from_dict(d: dict) -> "IterationSummary":
+        return IterationSummary(**{**d, "stats": OutcomeStats(**d["stats"])})
+
 
 class IterativeAlgorithm:
-    def __init__(self, cfg: Config, ctx: RunContext, pools: Pools):
+    def __init__(self, cfg: Config, ctx: RunContext, pools: Pools, *, checkpoints: Checkpoints,
+                 reference_dir: str, stopper: Stopper | None = None, resume: Checkpoint | None = None):
         self.cfg, self.ctx, self.pools = cfg, ctx, pools
         self.sampling = sampling_params(cfg.algorithm.sampling)
+        self.checkpoints = checkpoints
+        self.stopper = stopper or Stopper()
+        self.reference_dir = reference_dir  # where M_t, the current reference, is on disk
         self.step = 0  # optimizer steps over the whole run
         self.consumed = 0  # pairs (or SFT samples) trained on over the whole run
         self.version = 0  # weight version the pools serve
         self.summaries: list[IterationSummary] = []
-        self._last_batch: Batch | None = None  # for the generations table
+        self._table_rows: list[list] = []  # the latest batch's pairs, for the generations table
         self._validated_at, self._val_loss = -1, None
-        self._batcher: GlobalBatcher | None = None  # the current iteration's (its waiting judge pairs are state)
+        self._batcher: GlobalBatcher | None = None  # the current iteration's (its queue is state)
+        self._pipeline_now: RolloutPipeline | None = None
+        self._sft_position = 0  # SFT iteration: prompts of the epoch order consumed by finished steps
+        self._resume = resume
 
     # ---- what a subclass provides ----------------------------------------------------------------------
 
-    def _iteration(self, summary: IterationSummary) -> None:
-        """Train one iteration (the default: stream pairs from the pipeline into exact batches)."""
-        self._streaming_iteration(summary)
+    def _iteration(self, summary: IterationSummary, state: dict | None) -> None:
+        """Train one iteration (the default: stream pairs from the pipeline into exact batches). `state` is
+        the checkpointed state of this iteration when the run resumes in its middle."""
+        self._streaming_iteration(summary, state)
 
-    def _pipeline(self, iteration: int) -> RolloutPipeline:
+    def _pipeline(self, iteration: int, skip: int) -> RolloutPipeline:
+        """The iteration's pipeline over its records, the first `skip` of them left out (already released)."""
         raise NotImplementedError
 
     def _outcomes(self, scored: ScoredPrompt, summary: IterationSummary) -> list[PromptOutcome]:
@@ -103,55 +118,126 @@ class IterativeAlgorithm:
     def _end_iteration(self, summary: IterationSummary) -> None:
         """Called after an iteration's last step, before its checkpoint."""
 
+    def _extra_state(self) -> dict:
+        """Algorithm-specific state of the current iteration, for a mid-iteration checkpoint."""
+        return {}
+
     # ---- the run -------------------------------------------------------------------------------------
 
     def run(self) -> list[IterationSummary]:
         a = self.cfg.algorithm
-        for it in range(a.max_iterations):
-            summary = IterationSummary(it)
-            self.summaries.append(summary)
-            self._last_batch = None
-            if self.ctx.evaluator is not None:
-                summary.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generators)
-            start = time.perf_counter()
-            self._iteration(summary)
-            summary.seconds = time.perf_counter() - start
-            self._end_iteration(summary)
-            summary.val_loss = self._validate(self._last_batch)
-            path = Path(self.cfg.output_dir) / "checkpoints" / f"iter_{it}"
-            self.pools.learner.save(str(path))
-            summary.checkpoint = str(path)
-            self.ctx.log(f"[iteration {it}] done: {summary.steps} steps, {summary.pairs_trained} pairs, "
-                         f"checkpoint {path}")
-            # Iteration boundary: M_{t+1} becomes the reference and what the pools serve.
-            self.pools.learner.update_reference()
-            if a.reset_optimizer_each_iteration:
-                self.pools.learner.reset_optimizer()
-            self.version += 1
-            refit(self.pools, self.version, BUCKET_BYTES)
+        start_it, mid_state = self._restore()
+        for it in range(start_it, a.max_iterations):
             if self._steps_exhausted():
                 self.ctx.log(f"[run] algorithm.max_steps={a.max_steps} reached")
                 break
+            if mid_state is not None:
+                summary = self.summaries[-1]
+            else:
+                summary = IterationSummary(it)
+                self.summaries.append(summary)
+                self._table_rows = []
+                if self.ctx.evaluator is not None:
+                    summary.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generators)
+            start = time.perf_counter()
+            self._iteration(summary, mid_state)
+            mid_state = None
+            summary.seconds += time.perf_counter() - start
+            self._end_iteration(summary)
+            summary.val_loss = self._validate()
+            path = self._save(f"iter_{it}", "end")
+            summary.checkpoint = str(path)
+            self.ctx.log(f"[iteration {it}] done: {summary.steps} steps, {summary.pairs_trained} pairs, "
+                         f"checkpoint {path}")
+            crash_point("boundary")
+            self._boundary(path)
+            reason = self.stopper.requested()
+            if reason:  # the iteration's checkpoint is where the next start continues
+                raise StopRequested(reason, str(path))
         if self.ctx.evaluator is not None:
             final = IterationSummary(len(self.summaries))
             final.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generators)
             self.summaries.append(final)
         return self.summaries
 
+    def _boundary(self, checkpoint: Path) -> None:
+        """M_{t+1} becomes the reference and what the pools serve."""
+        self.pools.learner.update_reference()
+        self.reference_dir = str(checkpoint)
+        if self.cfg.algorithm.reset_optimizer_each_iteration:
+            self.pools.learner.reset_optimizer()
+        self.version += 1
+        refit(self.pools, self.version, BUCKET_BYTES)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def _save(self, name: str, phase: str) -> Path:
+        """A checkpoint of the learner and of the run's state. phase "end": an iteration just ended (its
+        boundary not yet crossed); "mid": inside an iteration, between two steps."""
+        self.ctx.metrics.flush()
+        state = {
+            "phase": phase, "iteration": self.summaries[-1].iteration, "step": self.step,
+            "consumed_samples": self.consumed, "weight_version": self.version, "reference": self.reference_dir,
+            "summaries": [dataclasses.asdict(s) for s in self.summaries], "table_rows": self._table_rows,
+            "validated_at": self._validated_at, "val_loss": self._val_loss,
+            "metrics_bytes": self.ctx.metrics.sizes(), "actor_restarts": self.pools.actor_restarts,
+        }
+        if phase == "mid":
+            state["position"] = {"released": self._pipeline_now.released if self._pipeline_now else 0,
+                                 "sft": self._sft_position}
+            state["batcher"] = self._batcher.state() if self._batcher is not None else None
+            state["meta_too_long"] = self._pipeline_now.counters.meta_too_long if self._pipeline_now else 0
+            state["extra"] = self._extra_state()
+        return self.checkpoints.save(name, self.pools.learner.save, state)
+
+    def _restore(self) -> tuple[int, dict | None]:
+        """(first iteration to run, the mid-iteration state to continue from or None)."""
+        if self._resume is None:
+            return 0, None
+        st = self._resume.state
+        self.step, self.consumed = st["step"], st["consumed_samples"]
+        self.summaries = [IterationSummary.from_dict(d) for d in st["summaries"]]
+        self._table_rows, self._validated_at, self._val_loss = st["table_rows"], st["validated_at"], st["val_loss"]
+        self.reference_dir = st["reference"]
+        if st["phase"] == "end":  # the boundary after this checkpoint was crossed by the driver's setup
+            self.version = st["weight_version"] + 1
+            self.reference_dir = str(self._resume.path)
+            return st["iteration"] + 1, None
+        self.version = st["weight_version"]
+        return st["iteration"], st
+
+    def _stop_here(self, reason: str | None, failure: Exception | None) -> None:
+        """Save a mid-iteration checkpoint and stop: cleanly (StopRequested) or re-raising a pool failure."""
+        path = self._save(f"step_{self.step}", "mid")
+        self.ctx.log(f"[checkpoint] step {self.step}: {path}")
+        if failure is not None:
+            raise failure
+        raise StopRequested(reason, str(path))
+
     # ---- iterations -----------------------------------------------------------------------------------
 
-    def _streaming_iteration(self, summary: IterationSummary) -> None:
+    def _streaming_iteration(self, summary: IterationSummary, state: dict | None) -> None:
         """Prompts flow through the pipeline into exact global batches; one learner step runs at a time
         while later prompts are generated."""
         a = self.cfg.algorithm
         it = summary.iteration
         loss_cfg = self._loss_config(it)
-        pipeline = self._pipeline(it)
+        skip = state["position"]["released"] if state else 0
+        pipeline = self._pipeline_now = self._pipeline(it, skip)
+        pipeline.released = skip
         batcher = self._batcher = GlobalBatcher(a.global_batch_size, judge_pair_cap=self._judge_pair_cap())
+        if state:
+            batcher.restore(state["batcher"])
+            pipeline.counters.meta_too_long = state["meta_too_long"]
         in_training: tuple[list, Batch, float] | None = None
+        failure: Exception | None = None
         last_log = time.perf_counter()
         while True:
-            while (not self._steps_exhausted() and
+            reason = self.stopper.requested()
+            stopping = reason is not None or failure is not None
+            if stopping and in_training is None:
+                self._stop_here(reason, failure)
+            while (not stopping and not self._steps_exhausted() and
                    pipeline.prompts_in_flight + max(0, batcher.buffered_pairs - a.global_batch_size)
                    < a.max_prompts_ahead):
                 if not pipeline.submit_next():
@@ -159,24 +245,29 @@ class IterativeAlgorithm:
             for scored in pipeline.pop_ready():
                 for outcome in self._outcomes(scored, summary):
                     batcher.add(outcome)
-            if in_training is None and batcher.ready() and not self._steps_exhausted():
+            if in_training is None and not stopping and batcher.ready() and not self._steps_exhausted():
                 batch = batcher.pop()
                 in_training = (self.pools.learner.train_step_async(batch.samples, loss_cfg), batch,
                                time.perf_counter())
-            waitables = (pipeline.pending() if not self._steps_exhausted() else []) + \
-                        (in_training[0] if in_training else [])
-            if not waitables:
+                crash_point("step")
+            # Only the ranks still busy: a finished rank's ref would make every wait return at once.
+            training = ray.wait(in_training[0], num_returns=len(in_training[0]), timeout=0)[1] if in_training else []
+            waitables = (pipeline.pending() if not self._steps_exhausted() and not stopping else []) + training
+            if not waitables and in_training is None:
                 break
-            ready, _ = ray.wait(waitables, num_returns=1)
-            pipeline.advance(set(ready))
+            ready = self.pools.wait(waitables)
+            try:
+                pipeline.advance(ready)
+            except ReplicaFailed as e:  # finish the step in flight, checkpoint, then stop
+                failure = e
             if in_training is not None:
                 refs, batch, started = in_training
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                self._check_learner(done)  # a dead worker leaves the others waiting in a collective
                 if len(done) == len(refs):
                     metrics = ray.get(refs)[0]
                     now = time.perf_counter()
                     self._log_step(metrics, batch, summary, now - started, now - last_log, pipeline, loss_cfg)
-                    self._last_batch = batch
                     self._after_step(batch)
                     last_log = now
                     in_training = None
@@ -186,36 +277,63 @@ class IterativeAlgorithm:
         if summary.unused_pairs:
             self.ctx.log(f"[iteration {it}] {summary.unused_pairs} pairs left over (fewer than "
                          f"global_batch_size={a.global_batch_size}) are not trained on")
+        self._pipeline_now = self._batcher = None
 
-    def _sft_iteration(self, summary: IterationSummary) -> None:
+    @staticmethod
+    def _check_learner(done: list) -> None:
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RECOVERABLE as e:
+                raise LearnerFailed(f"a learner worker died during a training step: {e}") from None
+
+    def _learner_result(self, refs: list) -> dict:
+        """Wait for a training step's results, with health checks; a dead worker stops the run."""
+        while True:
+            done, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
+            self._check_learner(done)
+            if not pending:
+                return ray.get(refs)[0]
+            self.pools.wait(pending)
+
+    def _sft_iteration(self, summary: IterationSummary, state: dict | None) -> None:
         """Plain supervised fine-tuning on the ground-truth answers (Self-Rewarding's first_iteration_sft)."""
         a = self.cfg.algorithm
         loss_cfg = LossConfig(sft_loss_weight=1.0, preference_loss_weight=0.0,
                               sft_average_log_probs=a.sft_average_log_probs)
+        self._sft_position = state["position"]["sft"] if state else 0
+        order = [(epoch, index) for epoch in range(a.max_epochs) for index in self._order(summary.iteration, epoch)]
         buffer: list[TrainSample] = []
-        for epoch in range(a.max_epochs):
-            for index in self._order(summary.iteration, epoch):
-                if self._steps_exhausted():
-                    break
-                encoded = self.ctx.encode(self.ctx.train[index])
-                if encoded is None or encoded.answer_ids is None:
-                    continue
-                buffer.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
-                if len(buffer) == a.global_batch_size:
-                    start = time.perf_counter()
-                    metrics = ray.get(self.pools.learner.train_step_async(buffer, loss_cfg))[0]
-                    self.step += 1
-                    self.consumed += len(buffer)
-                    summary.steps += 1
-                    summary.pairs_trained += len(buffer)
-                    self._emit({**{f"train/{k}": v for k, v in metrics.items()},
-                                "train/step_time": time.perf_counter() - start, "train/epoch": epoch,
-                                "train/iteration": summary.iteration, "train/consumed_samples": self.consumed})
-                    self._after_step(None)
-                    buffer = []
+        for position in range(self._sft_position, len(order)):
+            epoch, index = order[position]
+            if self._steps_exhausted():
+                break
+            reason = self.stopper.requested()
+            if reason:
+                self._stop_here(reason, None)
+            encoded = self.ctx.encode(self.ctx.train[index])
+            if encoded is None or encoded.answer_ids is None:
+                continue
+            buffer.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
+            if len(buffer) == a.global_batch_size:
+                start = time.perf_counter()
+                refs = self.pools.learner.train_step_async(buffer, loss_cfg)
+                crash_point("step")
+                metrics = self._learner_result(refs)
+                self.step += 1
+                self.consumed += len(buffer)
+                summary.steps += 1
+                summary.pairs_trained += len(buffer)
+                self._sft_position = position + 1
+                self._emit({**{f"train/{k}": v for k, v in metrics.items()},
+                            "train/step_time": time.perf_counter() - start, "train/epoch": epoch,
+                            "train/iteration": summary.iteration, "train/consumed_samples": self.consumed})
+                self._after_step(None)
+                buffer = []
         summary.unused_pairs = len(buffer)
         self.ctx.metrics.log({"train/unused_pairs": summary.unused_pairs, "train/iteration": summary.iteration},
                              self.step)
+        self._sft_position = 0
 
     # ---- pieces -----------------------------------------------------------------------------------------
 
@@ -226,8 +344,12 @@ class IterativeAlgorithm:
         random.Random(f"{self.cfg.seed}/{iteration}/{epoch}").shuffle(order)
         return order[: limited(len(order), a.limit_train_batches, a.global_batch_size)]
 
-    def _records(self, iteration: int, with_answers: bool = False) -> Iterator[PromptRecord]:
-        """The iteration's prompts, epoch after epoch; too-long prompts are skipped (the context counts them)."""
+    def _records(self, iteration: int, skip: int = 0, with_answers: bool = False) -> Iterator[PromptRecord]:
+        """The iteration's prompts, epoch after epoch, the first `skip` left out; too-long prompts are not
+        records (the context counts them)."""
+        return itertools.islice(self._all_records(iteration, with_answers), skip, None)
+
+    def _all_records(self, iteration: int, with_answers: bool) -> Iterator[PromptRecord]:
         for epoch in range(self.cfg.algorithm.max_epochs):
             for index in self._order(iteration, epoch):
                 conv = self.ctx.train[index]
@@ -258,8 +380,11 @@ class IterativeAlgorithm:
             "train/generator_tokens_per_s": gen_tokens / window,
             "train/pairs_per_s": len(batch.samples) / window,
         })
-        if self.pools.judges:
+        if len(self.pools.judges):
             row["train/judge_tokens_per_s"] = judge_tokens / window
+        row["train/actor_restarts"] = self.pools.actor_restarts
+        self._table_rows = [[self.step, o.prompt_text, o.chosen_text, o.rejected_text, o.sample.chosen_score,
+                             o.sample.rejected_score] for o in batch.outcomes[:GENERATION_TABLE_ROWS]]
         self._emit(row)
 
     def _emit(self, row: dict) -> None:
@@ -277,15 +402,14 @@ class IterativeAlgorithm:
                           preference_average_log_probs=a.preference_average_log_probs,
                           sft_average_log_probs=a.sft_average_log_probs)
 
-    def _validate(self, batch: Batch | None = None) -> float | None:
+    def _validate(self) -> float | None:
         """val/loss on the validation answers, and the latest batch's pairs as `table/train_generations`."""
         if self._validated_at == self.step:  # already done at this step (interval and iteration end met)
             return self._val_loss
         self._validated_at = self.step
-        if batch is not None:
-            rows = [[self.step, o.prompt_text, o.chosen_text, o.rejected_text, o.sample.chosen_score,
-                     o.sample.rejected_score] for o in batch.outcomes[:GENERATION_TABLE_ROWS]]
-            self.ctx.metrics.table("table/train_generations", list(GENERATION_TABLE_COLUMNS), rows, self.step)
+        if self._table_rows:
+            self.ctx.metrics.table("table/train_generations", list(GENERATION_TABLE_COLUMNS), self._table_rows,
+                                   self.step)
         samples = self._val_samples()
         if not samples:
             return None
@@ -312,21 +436,10 @@ class IterativeAlgorithm:
         """Step-interval work: validation with the generations table, and checkpoints."""
         a = self.cfg.algorithm
         if a.val_check_interval > 0 and self.step % a.val_check_interval == 0:
-            self._validate(batch)
+            self._validate()
         if a.save_interval > 0 and self.step % a.save_interval == 0:
-            path = Path(self.cfg.output_dir) / "checkpoints" / f"step_{self.step}"
-            self.pools.learner.save(str(path))
-            self._save_run_state(path)
+            path = self._save(f"step_{self.step}", "mid")
             self.ctx.log(f"[checkpoint] step {self.step}: {path}")
-
-    def _save_run_state(self, path: Path) -> None:
-        """What the weights do not hold: counters and the judge pairs waiting for a batch (SPEC 4.6)."""
-        waiting = self._batcher.waiting_judge_pairs if self._batcher is not None else []
-        state = {"step": self.step, "consumed_samples": self.consumed, "weight_version": self.version,
-                 "judge_pairs_waiting": [dataclasses.asdict(s) for s in waiting]}
-        tmp = path / "run_state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path / "run_state.json")
 
     def _steps_exhausted(self) -> bool:
         cap = self.cfg.algorithm.max_steps

@@ -17,18 +17,24 @@ from .iterative import IterationSummary, IterativeAlgorithm
 
 
 class SelfRewarding(IterativeAlgorithm):
-    def _iteration(self, summary: IterationSummary) -> None:
+    def _iteration(self, summary: IterationSummary, state: dict | None) -> None:
         if summary.iteration == 0 and self.cfg.algorithm.first_iteration_sft:
-            self._sft_iteration(summary)
+            self._sft_iteration(summary, state)
         else:
             # per iteration: the judge changes, so does the balance of its score classes
             self._balance = meta.ScoreClassBalance(self.cfg.algorithm.meta_max_relative_pcnt)
-            self._streaming_iteration(summary)
+            if state:
+                self._balance.counts.update({float(k): v for k, v in state["extra"]["score_classes"].items()})
+            self._streaming_iteration(summary, state)
 
-    def _pipeline(self, iteration: int) -> RolloutPipeline:
+    def _extra_state(self) -> dict:
+        balance = getattr(self, "_balance", None)
+        return {"score_classes": {str(k): v for k, v in balance.counts.items()} if balance else {}}
+
+    def _pipeline(self, iteration: int, skip: int) -> RolloutPipeline:
         a = self.cfg.algorithm
         return RolloutPipeline(
-            self.pools.generators, self.pools.judges, self._records(iteration), tokenizer=self.ctx.tokenizer,
+            self.pools.generators, self.pools.judges, self._records(iteration, skip), tokenizer=self.ctx.tokenizer,
             sampling=self.sampling, num_responses=a.num_responses_to_gen, num_evals=a.num_evals_to_average,
             chunk_size=a.rollout_batch_size, seed=self.cfg.seed, iteration=iteration,
             meta_reward_regex=self.cfg.judge.reward_regex if a.use_meta_judge else None)

@@ -49,7 +49,7 @@ class Spin(IterativeAlgorithm):
     def _generations_file(self, iteration: int) -> Path:
         return Path(self.cfg.output_dir) / "spin" / f"generations_iter_{iteration}.jsonl"
 
-    def _iteration(self, summary: IterationSummary) -> None:
+    def _iteration(self, summary: IterationSummary, state: dict | None) -> None:
         it = summary.iteration
         self._previous = None
         self._written: set[int] = set()
@@ -60,18 +60,29 @@ class Spin(IterativeAlgorithm):
                 self._previous = PreviousGenerations(previous)
             path = self._generations_file(it)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._keep = path.open("w")
+            if state:  # resuming: keep what the checkpoint had kept, drop what came after it
+                with path.open("r+b") as f:
+                    f.truncate(state["extra"]["kept_bytes"])
+                self._written = {json.loads(line)["index"] for line in path.read_text().splitlines()}
+            self._keep = path.open("a" if state else "w")
         try:
-            self._streaming_iteration(summary)
+            self._streaming_iteration(summary, state)
         finally:
             for f in (self._previous, self._keep):
                 if f is not None:
                     f.close()
 
-    def _pipeline(self, iteration: int) -> RolloutPipeline:
+    def _extra_state(self) -> dict:
+        if self._keep is None:
+            return {}
+        self._keep.flush()
+        return {"kept_bytes": self._keep.tell()}
+
+    def _pipeline(self, iteration: int, skip: int) -> RolloutPipeline:
         a = self.cfg.algorithm
         return RolloutPipeline(
-            self.pools.generators, [], self._records(iteration, with_answers=True), tokenizer=self.ctx.tokenizer,
+            self.pools.generators, self.pools.judges, self._records(iteration, skip, with_answers=True),
+            tokenizer=self.ctx.tokenizer,
             sampling=self.sampling, num_responses=1, num_evals=0, chunk_size=a.rollout_batch_size,
             seed=self.cfg.seed, iteration=iteration)
 
