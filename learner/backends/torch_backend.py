@@ -39,6 +39,9 @@ class TorchBackend:
         torch.manual_seed(seed)
         hf_logging.disable_progress_bar()  # per-load bars from every worker would drown the step lines
         self.model_dir = model_dir
+        # Kept in memory for saves: model_dir may be a checkpoint that is pruned while this run goes on.
+        has_tokenizer = (Path(model_dir) / "tokenizer_config.json").exists()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir) if has_tokenizer else None
         self.optim_cfg = optim
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
@@ -218,7 +221,8 @@ class TorchBackend:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.module.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_dir).save_pretrained(tmp)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / OPTIMIZER_FILE)
         torch.save(rng_states or [self.rng_state()], tmp / RNG_FILE)
         with open(tmp / "learner_state.json", "w") as f:
