@@ -103,6 +103,8 @@ class LearnerWorker:
 class LearnerGroup:
     def __init__(self, spec: LearnerSpec):
         self.spec = spec
+        # How results are awaited; the orchestrator swaps in a wait with timeouts and health checks.
+        self.get = ray.get
         actor_cls = ray.remote(concurrency_groups={"health": 1})(LearnerWorker).options(
             num_cpus=spec.num_cpus, num_gpus=spec.num_gpus)
         self.workers = [actor_cls.remote(spec, rank) for rank in range(spec.workers)]
@@ -127,28 +129,28 @@ class LearnerGroup:
         """Mean token NLL of the chosen responses; pads the last share by splitting unevenly."""
         k = -(-len(samples) // self.size)
         shares = [list(samples[r * k : (r + 1) * k]) for r in range(self.size)]
-        total, count = ray.get([w.sft_nll.remote(s) for w, s in zip(self.workers, shares)])[0]
+        total, count = self.get([w.sft_nll.remote(s) for w, s in zip(self.workers, shares)])[0]
         return total / max(count, 1.0)
 
     def update_reference(self) -> None:
-        ray.get([w.update_reference.remote() for w in self.workers])
+        self.get([w.update_reference.remote() for w in self.workers])
 
     def reset_optimizer(self) -> None:
-        ray.get([w.reset_optimizer.remote() for w in self.workers])
+        self.get([w.reset_optimizer.remote() for w in self.workers])
 
     def save(self, path: str) -> None:
         """Rank 0 writes the checkpoint, with every rank's RNG state."""
-        rngs = ray.get([w.rng_state.remote() for w in self.workers])
-        ray.get([w.save.remote(path, rngs) for w in self.workers])
+        rngs = self.get([w.rng_state.remote() for w in self.workers])
+        self.get([w.save.remote(path, rngs) for w in self.workers])
 
     def ping_refs(self) -> list:
         return [w.ping.remote() for w in self.workers]
 
     def export_bucket_refs(self, bucket_bytes: int) -> list:
-        return ray.get(self.workers[0].export_bucket_refs.remote(bucket_bytes))
+        return self.get(self.workers[0].export_bucket_refs.remote(bucket_bytes))
 
     def weight_digest(self) -> dict[str, str]:
-        return ray.get(self.workers[0].weight_digest.remote())
+        return self.get(self.workers[0].weight_digest.remote())
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -166,6 +166,15 @@ class Pools:
             self._last_progress = time.monotonic()
         return set(ready)
 
+    def get(self, refs):
+        """ray.get with health checks while waiting (a dead or hung actor ends the wait with an error)."""
+        single = not isinstance(refs, list)
+        pending = [refs] if single else list(refs)
+        while pending:
+            self.wait(pending)
+            pending = ray.wait(pending, num_returns=len(pending), timeout=0)[1]
+        return ray.get(refs)
+
     def health_check(self) -> None:
         engines = [(pool, i, pool.actors[i].ping.remote()) for pool in self.engine_pools for i in range(len(pool))]
         learner = self.learner.ping_refs() if self.learner is not None else []
@@ -207,8 +216,11 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judge_engine: En
     ray.get([a.weight_version.remote() for a in generators + judges])  # engines loaded
     pool = lambda name, actors: EnginePool(name, actors, cluster.max_restarts,  # noqa: E731
                                            cluster.health_check_timeout_s, log, version=gen_engine.weight_version)
-    return Pools(pool("generator", generators), pool("judge", judges), group,
-                 cluster.health_check_interval_s, cluster.health_check_timeout_s)
+    pools = Pools(pool("generator", generators), pool("judge", judges), group,
+                  cluster.health_check_interval_s, cluster.health_check_timeout_s)
+    if group is not None:
+        group.get = pools.get
+    return pools
 
 
 def refit(pools: Pools, version: int, bucket_bytes: int) -> None:

@@ -11,7 +11,7 @@ from actors.engines.protocol import GenerationRequest, SamplingParams
 from actors.generator import GeneratorActor
 from learner.group import LearnerGroup, LearnerSpec
 from learner.types import LossConfig, OptimConfig, TrainSample
-from orchestration.cluster import EnginePool, Pools, engine_actor, refit
+from orchestration.cluster import RECOVERABLE, EnginePool, Pools, ReplicaFailed, engine_actor, refit
 
 pytestmark = pytest.mark.slow
 
@@ -52,3 +52,33 @@ def test_refit_copies_trained_weights_into_every_engine(ray_session, tiny_model)
     group.shutdown()
     for a in actors:
         ray.kill(a)
+
+
+def test_a_replica_over_its_restart_budget_stops_with_a_message(ray_session, tiny_model):
+    """Ray restarts a dead replica; the pool brings it to the current version, and a failure beyond
+    cluster.max_restarts raises ReplicaFailed naming the replica (the run then checkpoints and stops)."""
+    engine = EngineSpec(model_dir=tiny_model, max_batch_size=4)
+    actor = engine_actor(GeneratorActor, num_cpus=0.5, num_gpus=0, max_restarts=1).remote(engine)
+    logs = []
+    pool = EnginePool("generator", [actor], max_restarts=1, log=logs.append)
+    group = LearnerGroup(LearnerSpec(model_dir=tiny_model, optim=OptimConfig(lr=1e-2, micro_batch_size=2), workers=1))
+    refit(Pools(pool, EnginePool("judge", [], max_restarts=1), group), version=3, bucket_bytes=4096)
+    request = [GenerationRequest([2, 3], SamplingParams(temperature=0, max_new_tokens=2))]
+
+    def die():
+        ray.kill(actor, no_restart=False)  # like a crash: Ray may restart it
+
+    die()
+    with pytest.raises(RECOVERABLE) as first:
+        ray.get(pool.call(0, "generate", request))
+    pool.recover(0, first.value)  # restarted with version 0 weights, brought back to version 3
+    assert ray.get(actor.weight_version.remote()) == 3
+    assert ray.get(pool.call(0, "generate", request)).results[0].weight_version == 3
+    assert "generator replica 0 died" in logs[0] and "restart 1/1" in logs[0]
+    die()
+    with pytest.raises(RECOVERABLE) as second:
+        ray.get(pool.call(0, "generate", request))
+    with pytest.raises(ReplicaFailed, match="generator replica 0 failed 2 times.*cluster.max_restarts=1"):
+        pool.recover(0, second.value)
+    group.shutdown()
+    pool.shutdown()
