@@ -23,6 +23,7 @@ from actors.generator import GeneratorActor
 from actors.judge import JudgeActor, JudgeSpec
 from learner.group import LearnerGroup, LearnerSpec
 
+from . import placement
 from .config import ClusterConfig
 
 RECOVERABLE = (RayActorError, ActorUnavailableError)  # errors of a call whose replica died or went away
@@ -57,10 +58,11 @@ def connect(cluster: ClusterConfig, *, judges: bool = True, learner: bool = True
     return True
 
 
-def engine_actor(cls, *, num_cpus: float, num_gpus: float, max_restarts: int = 0):
-    """The Ray actor class of an engine host: a "health" thread for pings, restartable."""
+def engine_actor(cls, *, num_cpus: float, num_gpus: float, max_restarts: int = 0, scheduling_strategy=None):
+    """The Ray actor class of an engine host: a "health" thread for pings, restartable (in its bundle)."""
     return ray.remote(concurrency_groups={"health": 1})(cls).options(
-        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0)
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0,
+        scheduling_strategy=scheduling_strategy)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class Pools:
     learner: LearnerGroup | None  # None for the generation job
     health_interval_s: float = 30.0
     health_timeout_s: float = 60.0
+    placement_groups: list = field(default_factory=list)
     _last_progress: float = field(default_factory=time.monotonic)
 
     @property
@@ -200,26 +203,40 @@ class Pools:
             pool.shutdown()
         if self.learner is not None:
             self.learner.shutdown()
+        placement.release(self.placement_groups)
 
 
 def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judge_engine: EngineSpec | None = None,
                 judge: JudgeSpec | None = None, learner: LearnerSpec | None = None, log=print) -> Pools:
-    """Start the generator pool, and the judge pool and learner group when given their specs."""
-    g, j = cluster.generators, cluster.judges
-    gen_cls = engine_actor(GeneratorActor, num_cpus=g.num_cpus, num_gpus=g.num_gpus, max_restarts=cluster.max_restarts)
-    generators = [gen_cls.remote(gen_engine) for _ in range(g.replicas)]
-    judges = []
-    if judge is not None:
-        judge_cls = engine_actor(JudgeActor, num_cpus=j.num_cpus, num_gpus=j.num_gpus, max_restarts=cluster.max_restarts)
-        judges = [judge_cls.remote(judge_engine, judge) for _ in range(j.replicas)]
-    group = LearnerGroup(learner) if learner is not None else None  # blocks until torch.distributed is up
+    """Reserve a placement group per pool, then start the generator pool, and the judge pool and learner
+    group when given their specs. PlacementError (with the numbers) when the cluster cannot hold them."""
+    wanted = placement.requests(cluster, judges=judge is not None, learner=learner is not None)
+    if not cluster.wait_for_autoscaler:
+        placement.check_fits(wanted, *placement.cluster_capacity())
+    groups: dict[str, object] = {}
+    try:
+        for request in wanted:
+            groups[request.name] = placement.reserve(request, cluster.placement_timeout_s)
+    except Exception:
+        placement.release(list(groups.values()))
+        raise
+
+    def replicas(cls, pool, key: str, *args) -> list:
+        return [engine_actor(cls, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=cluster.max_restarts,
+                             scheduling_strategy=placement.in_bundle(groups[key], i)).remote(*args)
+                for i in range(pool.replicas)]
+
+    generators = replicas(GeneratorActor, cluster.generators, "cluster.generators", gen_engine)
+    judges = replicas(JudgeActor, cluster.judges, "cluster.judges", judge_engine, judge) if judge is not None else []
+    group = LearnerGroup(learner, groups.get("cluster.learner")) if learner is not None else None
     ray.get([a.weight_version.remote() for a in generators + judges])  # engines loaded
     pool = lambda name, actors: EnginePool(name, actors, cluster.max_restarts,  # noqa: E731
                                            cluster.health_check_timeout_s, log, version=gen_engine.weight_version)
     pools = Pools(pool("generator", generators), pool("judge", judges), group,
-                  cluster.health_check_interval_s, cluster.health_check_timeout_s)
+                  cluster.health_check_interval_s, cluster.health_check_timeout_s, list(groups.values()))
     if group is not None:
         group.get = pools.get
+    log("[cluster] placed " + "; ".join(r.describe() for r in wanted))
     return pools
 
 

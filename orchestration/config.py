@@ -156,6 +156,8 @@ class PoolConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     max_batch_size: int = 64  # engine slots per replica
+    strategy: str = "PACK"  # placement of the replicas: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    resources: Optional[dict[str, float]] = None  # custom Ray resources per replica (pins node groups)
 
 
 @dataclass
@@ -163,6 +165,8 @@ class LearnerClusterConfig:
     workers: int = 2
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    strategy: str = "PACK"  # placement of the workers (STRICT_PACK keeps them on one node)
+    resources: Optional[dict[str, float]] = None  # custom Ray resources per worker
 
 
 @dataclass
@@ -172,6 +176,8 @@ class ClusterConfig:
     generators: PoolConfig = field(default_factory=PoolConfig)
     judges: PoolConfig = field(default_factory=PoolConfig)
     learner: LearnerClusterConfig = field(default_factory=LearnerClusterConfig)
+    placement_timeout_s: float = 120.0  # how long a pool's placement group may wait for resources
+    wait_for_autoscaler: bool = False  # true: do not fail at once when the cluster is too small now
     max_restarts: int = 3  # per generator/judge replica; one more failure stops the run (with a checkpoint)
     health_check_interval_s: float = 30.0  # with no progress this long, ping every actor
     health_check_timeout_s: float = 60.0  # a ping (or a restarting replica) unanswered this long: hung
@@ -222,6 +228,7 @@ class Config:
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ALGORITHMS = ("self_rewarding", "meta_rewarding", "spin", "generate")
 JUDGED = ("self_rewarding", "meta_rewarding")  # the algorithms that run a judge pool
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 SCORE_FREE_LOSSES = ("dpo", "ipo")  # the losses that need no judge scores (SPIN has none)
 CHOICES = {
     "algorithm.name": ALGORITHMS,
@@ -232,6 +239,9 @@ CHOICES = {
     "learner.backend": ("torch",),
     "learner.optim.schedule": ("cosine", "constant"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "cluster.generators.strategy": PLACEMENT_STRATEGIES,
+    "cluster.judges.strategy": PLACEMENT_STRATEGIES,
+    "cluster.learner.strategy": PLACEMENT_STRATEGIES,
     "learner.dtype": ("float32", "bfloat16", "float16"),
 }
 

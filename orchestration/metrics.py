@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ class MetricsLogger:
             import wandb
 
             id_file = output_dir / WANDB_ID_FILE
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             # A resumed run continues the same wandb run; wandb keeps rows it already has for a step.
             self._wandb = wandb.init(project=project, name=run_name, mode=wandb_mode, config=config,
