@@ -1,13 +1,30 @@
-"""The driver: configuration, the algorithms' loops, data flow between the pools, logging."""
+"""The driver: configuration, the algorithms' loops, data flow between the pools, logging.
 
-from .config import Config, ConfigError, from_dict, load_config
+The Python API (the CLI is a thin layer over it):
+
+    from orchestration import load_config, run
+    result = run(load_config(["algorithm=spin", "output_dir=/tmp/spin"]))   # -> RunResult
+
+See examples/python_driver.py.
+"""
+
+from .config import Config, ConfigError, from_dict, load_config, validate
 
 
 def run(cfg: Config, log=print):
-    """Run `cfg` to completion and return a RunResult (see orchestration.driver)."""
+    """Run (or resume) `cfg` and return a RunResult (see orchestration.driver)."""
     from .driver import run as _run
 
     return _run(cfg, log)
 
 
-__all__ = ["Config", "ConfigError", "from_dict", "load_config", "run"]
+def __getattr__(name: str):
+    # RunResult and RunFailed live with the driver, which imports Ray: load it only when asked for.
+    if name in ("RunResult", "RunFailed"):
+        from . import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module 'orchestration' has no attribute {name!r}")
+
+
+__all__ = ["Config", "ConfigError", "RunFailed", "RunResult", "from_dict", "load_config", "run", "validate"]

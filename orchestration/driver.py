@@ -57,6 +57,14 @@ def run(cfg: Config, log=print) -> RunResult:
         return _run_generation(cfg, log)
     start = time.perf_counter()
     stopper = Stopper(max_seconds(cfg.max_time_per_run))
+    stopper.install()  # from here a SIGTERM or Ctrl-C is a request, acted on at the next safe point
+    try:
+        return _run(cfg, log, start, stopper)
+    finally:
+        stopper.uninstall()
+
+
+def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     out = Path(cfg.output_dir).expanduser().resolve()
     marker = out / COMPLETE_MARKER
     if marker.exists():
@@ -72,12 +80,12 @@ def run(cfg: Config, log=print) -> RunResult:
 
     judged = cfg.algorithm.name in JUDGED
     started_ray = connect(cfg.cluster, judges=judged)
+    stopper.install()  # again: ray.init replaced the SIGTERM handler with its own
     stale = resume is None and (out / "metrics.jsonl").exists()  # a run that stopped before its first checkpoint
     metrics = MetricsLogger(out, cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.name,
                             OmegaConf.to_container(OmegaConf.structured(cfg)),
                             resume_sizes=resume.state["metrics_bytes"] if resume else ({} if stale else None))
     pools = None
-    stopper.install()
     try:
         log(f"[run] starting pools: {cfg.cluster.generators.replicas} generator(s), "
             f"{cfg.cluster.judges.replicas if judged else 0} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
@@ -107,7 +115,6 @@ def run(cfg: Config, log=print) -> RunResult:
         raise RunFailed(f"the run stopped: {e}. {where}; run the same command again to resume "
                         f"{'from it' if latest else 'from the start'}.") from None
     finally:
-        stopper.uninstall()
         if pools is not None:
             pools.shutdown()
         metrics.close()

@@ -25,11 +25,13 @@ class Stopper:
         self._previous: dict = {}
 
     def install(self) -> None:
-        """Catch SIGTERM and SIGINT (only possible on the main thread; elsewhere signals keep their default)."""
+        """Catch SIGTERM and SIGINT (only possible on the main thread; elsewhere signals keep their default).
+        Call again after ray.init, which sets its own SIGTERM handler."""
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():

@@ -173,3 +173,21 @@ def test_dead_learner_worker_stops_the_run_and_the_next_start_resumes(reference_
     assert "resuming from" in log
     assert metric_rows(tmp_path) == metric_rows(ref_out)
     assert_same_weights(weights(tmp_path), weights(ref_out))
+
+
+def test_time_limit_and_sigterm_stop_cleanly_and_resume_exactly(reference_run, toy_cache, tmp_path):
+    ref_out, _ = reference_run
+    args = overrides(toy_cache, tmp_path)
+    code, log = finish(start([*args, "max_time_per_run=00:00:20"]))  # about when the first steps run
+    assert code == 0 and "stopped cleanly (max_time_per_run (20s) reached)" in log, log[-3000:]
+    first = max([r["step"] for r in metric_rows(tmp_path) if "train/loss" in r], default=0)
+    proc = start(args)
+    wait_for_step(tmp_path, first + 2, proc)  # rows beyond what the first start wrote: this start's
+    proc.send_signal(signal.SIGTERM)
+    code, log = finish(proc)
+    assert code == 0 and "stopped cleanly (SIGTERM received)" in log, log[-3000:]
+    assert "resuming from" in log
+    code, log = finish(start(args))
+    assert code == 0, log[-3000:]
+    assert metric_rows(tmp_path) == metric_rows(ref_out)
+    assert_same_weights(weights(tmp_path), weights(ref_out))
