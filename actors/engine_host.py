@@ -23,9 +23,14 @@ class EngineSpec:
     weight_version: int = 0  # the version the weights in model_dir are (a resumed run starts above 0)
 
 
+class StaleWeights(RuntimeError):
+    """A restarted replica was asked to serve before the orchestrator gave it the current weights."""
+
+
 class EngineHost:
-    """Created with a "health" concurrency group (see `ping`). A replica Ray restarts after a crash comes
-    back with the weights of `spec`; the orchestrator loads the current version into it before it serves."""
+    """Created with a "health" concurrency group (see `ping`). A replica that Ray restarts after a crash
+    comes back with the weights of `spec`, which may be older than what the run serves: it refuses work
+    (StaleWeights) until `load_weights` has been called, so it never answers with stale weights."""
 
     def __init__(self, spec: EngineSpec):
         if spec.device == "cpu":
@@ -33,14 +38,21 @@ class EngineHost:
         self.engine = make_engine(spec.kind, spec.model_dir, device=spec.device, dtype=spec.dtype,
                                   max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
                                   weight_version=spec.weight_version)
+        self.stale = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
 
     def load_weights(self, version: int, *buckets: dict) -> int:
-        """Refit: Ray resolves each bucket ObjectRef argument to a zero-copy view; copy it in place."""
-        self.engine.load_weights([WeightBucket(**b) for b in buckets], version)
+        """Refit: Ray resolves each bucket ObjectRef argument to a zero-copy view; copy it in place. With no
+        buckets, `version` must be the one the replica was created with (a restarted replica confirmed)."""
+        if buckets:
+            self.engine.load_weights([WeightBucket(**b) for b in buckets], version)
+        elif version != self.engine.weight_version:
+            raise ValueError(f"no weights given for version {version}; this replica has {self.engine.weight_version}")
+        self.stale = False
         return self.engine.weight_version
 
     def weight_version(self) -> int:
-        return self.engine.weight_version
+        """The version served; -1 while a restarted replica waits for its weights."""
+        return -1 if self.stale else self.engine.weight_version
 
     @ray.method(concurrency_group="health")
     def ping(self) -> bool:
@@ -55,4 +67,6 @@ class EngineHost:
                 for name, t in self.engine.named_parameters_hf().items()}
 
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        if self.stale:
+            raise StaleWeights("this replica was restarted and has not been given the current weights yet")
         return self.engine.generate(requests) if requests else []

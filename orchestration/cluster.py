@@ -18,7 +18,7 @@ from typing import Callable
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from actors.engine_host import EngineSpec
+from actors.engine_host import EngineSpec, StaleWeights
 from actors.generator import GeneratorActor
 from actors.judge import JudgeActor, JudgeSpec
 from learner.group import LearnerGroup, LearnerSpec
@@ -26,7 +26,8 @@ from learner.group import LearnerGroup, LearnerSpec
 from . import placement
 from .config import ClusterConfig
 
-RECOVERABLE = (RayActorError, ActorUnavailableError)  # errors of a call whose replica died or went away
+# Errors of a call whose replica died, went away, or came back restarted without the current weights.
+RECOVERABLE = (RayActorError, ActorUnavailableError, StaleWeights)
 
 
 class ReplicaFailed(RuntimeError):
@@ -35,6 +36,11 @@ class ReplicaFailed(RuntimeError):
 
 class LearnerFailed(RuntimeError):
     """A learner worker died or stopped answering."""
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def connect(cluster: ClusterConfig, *, judges: bool = True, learner: bool = True) -> bool:
@@ -101,7 +107,7 @@ class EnginePool:
         """Wait for a replica Ray is restarting and bring it to the current weights; ReplicaFailed when it
         has failed more than max_restarts times."""
         self.restarts[replica] += 1
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = _first_line(error)
         if self.restarts[replica] > self.max_restarts:
             raise ReplicaFailed(f"{self.name} replica {replica} failed {self.restarts[replica]} times, more than "
                                 f"cluster.max_restarts={self.max_restarts} allows; last error: {first_line}")
@@ -118,7 +124,7 @@ class EnginePool:
                     raise ReplicaFailed(f"{self.name} replica {replica} did not come back within "
                                         f"{self.timeout_s:.0f}s after a crash: {e}") from None
                 time.sleep(0.5)
-        if version != self.version:
+        if version != self.version:  # restarted: its weights are the spec's (or -1 until confirmed)
             ray.get(actor.load_weights.remote(self.version, *self.weight_refs))
 
     def load(self, version: int, refs: list) -> None:
@@ -176,7 +182,10 @@ class Pools:
         while pending:
             self.wait(pending)
             pending = ray.wait(pending, num_returns=len(pending), timeout=0)[1]
-        return ray.get(refs)
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayError as e:  # only the learner group waits through here
+            raise LearnerFailed(f"a learner call failed: {_first_line(e)}") from None
 
     def health_check(self) -> None:
         engines = [(pool, i, pool.actors[i].ping.remote()) for pool in self.engine_pools for i in range(len(pool))]

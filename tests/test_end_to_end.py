@@ -126,5 +126,6 @@ def test_meta_rewarding_mixes_judge_pairs_within_the_cap(ray_session, toy_cache,
     # The meta-judge ran on the judge pool (whether this tiny test model names winners is not the point).
     assert sum(r["train/meta_comparisons"] for r in steps) > 0
     state = json.loads((tmp_path / "checkpoints" / "step_2" / "run_state.json").read_text())
-    assert state["step"] == 2 and isinstance(state["judge_pairs_waiting"], list)
+    assert state["step"] == 2 and state["phase"] == "mid"
+    assert isinstance(state["batcher"]["judge_waiting"], list) and isinstance(state["batcher"]["queue"], list)
     assert result.iterations[0]["judge_pairs"] is not None

@@ -1,5 +1,7 @@
 """Weight refit through the object store: the learner's weights land in every engine, with the version."""
 
+import time
+
 import pytest
 import ray
 import torch
@@ -66,7 +68,16 @@ def test_a_replica_over_its_restart_budget_stops_with_a_message(ray_session, tin
     request = [GenerationRequest([2, 3], SamplingParams(temperature=0, max_new_tokens=2))]
 
     def die():
-        ray.kill(actor, no_restart=False)  # like a crash: Ray may restart it
+        """Kill the replica like a crash (Ray may restart it) and wait until that has happened: ray.kill is
+        asynchronous, so a call sent right after it could still be served by the old process."""
+        ray.kill(actor, no_restart=False)
+        while True:
+            try:
+                if ray.get(actor.weight_version.remote(), timeout=30) == -1:
+                    return  # restarted, waiting for weights
+            except (*RECOVERABLE, ray.exceptions.GetTimeoutError):
+                return  # dead or restarting
+            time.sleep(0.05)
 
     die()
     with pytest.raises(RECOVERABLE) as first:

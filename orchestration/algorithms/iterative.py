@@ -24,7 +24,7 @@ from learner.types import LossConfig, TrainSample
 
 from ..batching import Batch, GlobalBatcher, OutcomeStats, PromptOutcome
 from ..checkpoint import Checkpoint, Checkpoints
-from ..cluster import RECOVERABLE, LearnerFailed, Pools, ReplicaFailed, refit
+from ..cluster import LearnerFailed, Pools, ReplicaFailed, refit
 from ..config import Config, limited, per_iteration, sampling_params
 from ..context import RunContext
 from ..faults import crash_point
@@ -281,11 +281,15 @@ class IterativeAlgorithm:
 
     @staticmethod
     def _check_learner(done: list) -> None:
+        """A finished rank's error (it died, or a collective failed because a peer died) stops the run."""
         for ref in done:
             try:
                 ray.get(ref)
-            except RECOVERABLE as e:
-                raise LearnerFailed(f"a learner worker died during a training step: {e}") from None
+            except ray.exceptions.RayError as e:
+                lines = str(e).strip().splitlines()
+                cause = next((x for x in reversed(lines) if x.strip()), type(e).__name__)[:300]
+                raise LearnerFailed(f"a learner worker failed during a training step ({type(e).__name__}: "
+                                    f"{cause})") from None
 
     def _learner_result(self, refs: list) -> dict:
         """Wait for a training step's results, with health checks; a dead worker stops the run."""
