@@ -38,7 +38,9 @@ class EngineHost:
         self.engine = make_engine(spec.kind, spec.model_dir, device=spec.device, dtype=spec.dtype,
                                   max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
                                   weight_version=spec.weight_version)
-        self.stale = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        in_actor = ctx is not None and ctx.get_actor_id() is not None  # also built in-process (tests, tools)
+        self.stale = in_actor and ctx.was_current_actor_reconstructed
 
     def load_weights(self, version: int, *buckets: dict) -> int:
         """Refit: Ray resolves each bucket ObjectRef argument to a zero-copy view; copy it in place. With no
