@@ -1,0 +1,157 @@
+"""Benchmark 1: generator engine decode throughput (DESIGN.md "Performance targets").
+
+Llama-3.2-1B shape with random weights, bf16, 256 sequences, 128 prompt + 256 new tokens (greedy, no early
+stop), on one GPU: the torch engine against transformers `generate` on the same model in the same run, and
+against the memory roofline (weights + the KV cache read once per decode step, at the copy bandwidth
+measured here). Prints one table and the hardware.
+
+    python benchmarks/engine_decode.py                 # on a GPU machine
+    python benchmarks/engine_decode.py --skip-hf       # the engine only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+
+
+def build_model_dir(root: Path, dtype: torch.dtype) -> Path:
+    """A random Llama-3.2-1B-shaped checkpoint with a stand-in tokenizer and no end-of-sequence id."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = root / "llama1b"
+    config = LlamaConfig(**LLAMA_1B, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(path)
+    vocab = {f"t{i}": i for i in range(1000)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
+    tok.save_pretrained(path)
+    return path
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 20) -> float:
+    """Device-to-device copy rate (bytes read + written per second), median of `repeats`."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times[3:])
+
+
+def roofline_tokens_per_s(batch: int, prompt: int, new: int, weight_bytes: int, bandwidth: float, bytes_per: int) -> float:
+    """Each decode step reads every weight once and each sequence's KV cache so far once."""
+    c = LLAMA_1B
+    kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"]) * bytes_per
+    seconds = sum((weight_bytes + batch * (prompt + t) * kv_per_token) / bandwidth for t in range(new))
+    return batch * new / seconds
+
+
+def prompts(batch: int, length: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 120000, (batch, length), generator=g).tolist()
+
+
+def time_engine(model_dir: Path, ids: list[list[int]], new: int, dtype: str, repeats: int) -> tuple[float, list[list[int]]]:
+    from actors.engines.protocol import GenerationRequest, SamplingParams
+    from actors.engines.torch_engine import TorchEngine
+
+    engine = TorchEngine(str(model_dir), device="cuda", dtype=dtype, max_batch_size=len(ids),
+                         max_seq_len=len(ids[0]) + new + 8)
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=new)
+    requests = [GenerationRequest(p, sampling, seed=i) for i, p in enumerate(ids)]
+    engine.generate(requests[:8])  # warm-up
+    times, out = [], None
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = engine.generate(requests)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    assert all(len(r.token_ids) == new for r in out), "a sequence stopped early"
+    del engine
+    torch.cuda.empty_cache()
+    return statistics.median(times), [r.token_ids for r in out]
+
+
+def time_hf(model_dir: Path, ids: list[list[int]], new: int, dtype: torch.dtype, repeats: int) -> tuple[float, list[list[int]]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+    x = torch.tensor(ids, device="cuda")
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                  attention_mask=torch.ones_like(x))
+    with torch.no_grad():
+        model.generate(x[:8], **{**kwargs, "attention_mask": torch.ones_like(x[:8])})
+        times, out = [], None
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model.generate(x, **kwargs)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    tokens = out[:, x.shape[1]:].tolist()
+    del model
+    torch.cuda.empty_cache()
+    return statistics.median(times), tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    props = torch.cuda.get_device_properties(0)
+    print(f"hardware: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    bandwidth = copy_bandwidth()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model_dir(Path(tmp), dtype)
+        weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        ids = prompts(args.batch, args.prompt)
+        roof = roofline_tokens_per_s(args.batch, args.prompt, args.new, weight_bytes, bandwidth, 2)
+        rows = []
+        t_engine, tok_engine = time_engine(model_dir, ids, args.new, "bfloat16", args.repeats)
+        rows.append(("torch engine", t_engine))
+        if not args.skip_hf:
+            t_hf, tok_hf = time_hf(model_dir, ids, args.new, dtype, args.repeats)
+            rows.append(("transformers generate", t_hf))
+            # bf16 greedy paths diverge once two logits tie within rounding; compare the first 16 tokens
+            same = sum(a[:16] == b[:16] for a, b in zip(tok_engine, tok_hf)) / len(ids)
+            print(f"greedy agreement with transformers (first 16 tokens): {same:.1%} of sequences")
+    tokens = args.batch * args.new
+    print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
+          f"roofline {roof:,.0f} tokens/s ({args.batch} seqs, {args.prompt} prompt + {args.new} new, bf16)")
+    print(f"| {'implementation':<22} | {'seconds':>8} | {'tokens/s':>10} | {'steps/s':>8} | {'of roofline':>11} |")
+    print(f"|{'-' * 24}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 13}|")
+    for name, seconds in rows:
+        print(f"| {name:<22} | {seconds:8.2f} | {tokens / seconds:10,.0f} | {args.new / seconds:8.1f} | "
+              f"{tokens / seconds / roof:10.1%} |")
+
+
+if __name__ == "__main__":
+    main()
