@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from actors.engines.cuda_graphs import DecodeGraphs
 from actors.engines.llama import ForwardContext, ModelArgs, Transformer, hf_views
 from actors.engines.protocol import FinishReason, GenerationRequest, GenerationResult, WeightBucket
 from actors.engines.sampling import sample_tokens, split_seed, token_logprobs
@@ -46,6 +47,7 @@ class TorchEngine:
         max_seq_len: int | None = None,
         weight_version: int = 0,
         max_prefill_tokens: int = 8192,
+        cuda_graphs: bool = True,
     ) -> None:
         self.device = torch.device(device)
         config = AutoConfig.from_pretrained(model_dir)
@@ -62,6 +64,9 @@ class TorchEngine:
         self.cache = self.model.new_cache(max_batch_size)
         self._slots = _SlotState(max_batch_size, self.max_seq_len, self.device)
         self.weight_version = weight_version
+        # GPU decode steps replay captured graphs (weights are updated in place, so refits keep them valid).
+        self._graphs = (DecodeGraphs(self._eager_decode, max_batch_size, self.max_seq_len)
+                        if cuda_graphs and self.device.type == "cuda" else None)
 
     # ------------------------------------------------------------------------------------------- weights
 
@@ -201,12 +206,16 @@ class TorchEngine:
         b = host.extent()
         kv_len = min(-(-host.max_total_len(b) // KV_LEN_BUCKET) * KV_LEN_BUCKET, self.max_seq_len)
         s = self._slots
-        logits = self.model.decode(s.tokens[:b], s.positions[:b], self.cache, kv_len)
+        logits = self._graphs.run(b, kv_len) if self._graphs is not None else self._eager_decode(b, kv_len)
         rows = torch.arange(b, device=self.device)
         new_tokens = self._sample(logits, rows, host, np.arange(b))
         s.tokens[:b] = new_tokens
         s.positions[:b] += s.active[:b]  # free slots stay at position 0, inside the cache
         return host.record(np.arange(b), new_tokens.cpu().numpy())
+
+    def _eager_decode(self, rows: int, kv_len: int) -> torch.Tensor:
+        s = self._slots
+        return self.model.decode(s.tokens[:rows], s.positions[:rows], self.cache, kv_len)
 
     def _sample(
         self, logits: torch.Tensor, rows: torch.Tensor, host: "_HostState", rows_np: np.ndarray
