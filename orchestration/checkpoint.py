@@ -107,20 +107,14 @@ class Checkpoints:
         return final
 
     def prune(self) -> list[str]:
-        """Keep the newest `keep_last` step checkpoints (and any a kept one points to as its reference).
-        Iteration-end checkpoints are the models of each iteration and are always kept."""
+        """Keep the newest `keep_last` step checkpoints. Iteration-end checkpoints are the models of each
+        iteration, and the only ones a step checkpoint points to as its reference: they are always kept."""
         if not self.keep_last:
             return []
-        done = self.complete()
-        steps = [c for c in done if c.state.get("phase") == "mid"]
-        kept = steps[-self.keep_last:]
-        needed = {Path(c.state["reference"]).name for c in kept if c.state.get("reference")}
-        removed = []
+        steps = [c for c in self.complete() if c.state.get("phase") == "mid"]
         for c in steps[: -self.keep_last]:
-            if c.name not in needed:
-                shutil.rmtree(c.path)
-                removed.append(c.name)
-        return removed
+            shutil.rmtree(c.path)
+        return [c.name for c in steps[: -self.keep_last]]
 
 
 def _write_synced(path: Path, text: str) -> None:
