@@ -100,23 +100,16 @@ class LearnerWorker:
                 for name, t in self.backend.named_weights()}
 
 
-def _in_bundle(placement_group, index: int):
-    if placement_group is None:
-        return None
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return PlacementGroupSchedulingStrategy(placement_group=placement_group, placement_group_bundle_index=index)
-
-
 class LearnerGroup:
-    def __init__(self, spec: LearnerSpec, placement_group=None):
-        """`placement_group`: one bundle per rank (rank r goes to bundle r), or None to let Ray place them."""
+    def __init__(self, spec: LearnerSpec, scheduling: Sequence | None = None):
+        """`scheduling`: one Ray scheduling strategy per rank (the caller's placement), or None: Ray places them."""
         self.spec = spec
         # How results are awaited; the orchestrator swaps in a wait with timeouts and health checks.
         self.get = ray.get
         actor_cls = ray.remote(concurrency_groups={"health": 1})(LearnerWorker)
         self.workers = [actor_cls.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
-                                          scheduling_strategy=_in_bundle(placement_group, rank)).remote(spec, rank)
+                                          scheduling_strategy=scheduling[rank] if scheduling else None
+                                          ).remote(spec, rank)
                         for rank in range(spec.workers)]
         host, port = ray.get(self.workers[0].rendezvous_address.remote())
         ray.get([w.setup.remote(host, port) for w in self.workers])

@@ -43,6 +43,18 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def raise_learner_failures(done: list) -> None:
+    """LearnerFailed if a finished learner call failed (its worker died, or a collective failed because a peer
+    died: the other ranks would wait in it, so this must not wait for them)."""
+    for ref in done:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            lines = [x for x in str(e).strip().splitlines() if x.strip()]
+            cause = (lines[-1] if lines else type(e).__name__)[:300]
+            raise LearnerFailed(f"a learner worker failed ({type(e).__name__}: {cause})") from None
+
+
 def connect(cluster: ClusterConfig, *, judges: bool = True, learner: bool = True) -> bool:
     """Start a local cluster (cluster.address empty) or join an existing one ("auto" or host:port).
     A local cluster gets CPUs for the pools the run uses (`judges`, `learner`).
@@ -89,9 +101,6 @@ class EnginePool:
 
     def __len__(self) -> int:
         return len(self.actors)
-
-    def __getitem__(self, i: int):
-        return self.actors[i]
 
     def __iter__(self):
         return iter(self.actors)
@@ -176,16 +185,14 @@ class Pools:
         return set(ready)
 
     def get(self, refs):
-        """ray.get with health checks while waiting (a dead or hung actor ends the wait with an error)."""
-        single = not isinstance(refs, list)
-        pending = [refs] if single else list(refs)
-        while pending:
+        """ray.get of learner calls with health checks while waiting; a failed call stops the run at once."""
+        pending = list(refs) if isinstance(refs, list) else [refs]
+        while True:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+            raise_learner_failures(done)
+            if not pending:
+                return ray.get(refs)
             self.wait(pending)
-            pending = ray.wait(pending, num_returns=len(pending), timeout=0)[1]
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayError as e:  # only the learner group waits through here
-            raise LearnerFailed(f"a learner call failed: {_first_line(e)}") from None
 
     def health_check(self) -> None:
         engines = [(pool, i, pool.actors[i].ping.remote()) for pool in self.engine_pools for i in range(len(pool))]
@@ -237,7 +244,9 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judge_engine: En
 
     generators = replicas(GeneratorActor, cluster.generators, "cluster.generators", gen_engine)
     judges = replicas(JudgeActor, cluster.judges, "cluster.judges", judge_engine, judge) if judge is not None else []
-    group = LearnerGroup(learner, groups.get("cluster.learner")) if learner is not None else None
+    group = None
+    if learner is not None:
+        group = LearnerGroup(learner, [placement.in_bundle(groups["cluster.learner"], r) for r in range(learner.workers)])
     ray.get([a.weight_version.remote() for a in generators + judges])  # engines loaded
     pool = lambda name, actors: EnginePool(name, actors, cluster.max_restarts,  # noqa: E731
                                            cluster.health_check_timeout_s, log, version=gen_engine.weight_version)

@@ -90,7 +90,7 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
         log(f"[run] starting pools: {cfg.cluster.generators.replicas} generator(s), "
             f"{cfg.cluster.judges.replicas if judged else 0} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
         weights = _weights(setup.model_dir, resume)
-        gen_engine, judge_engine, judge, learner = _specs(cfg, setup.model_dir, setup.renderer, weights)
+        gen_engine, judge_engine, judge, learner = _specs(cfg, weights)
         pools = start_pools(cfg.cluster, gen_engine, judge_engine if judged else None, judge if judged else None,
                             learner, log=log)
         if resume is not None and resume.state["phase"] == "end" and cfg.algorithm.reset_optimizer_each_iteration:
@@ -194,7 +194,7 @@ def _run_generation(cfg: Config, log) -> RunResult:
     pools = None
     try:
         log(f"[run] starting {cfg.cluster.generators.replicas} generator(s)")
-        gen_engine = _specs(cfg, setup.model_dir, setup.renderer)[0]
+        gen_engine = _engine_specs(cfg, _weights(setup.model_dir, None))[0]
         pools = start_pools(cfg.cluster, gen_engine, log=log)
         ctx = _context(cfg, setup, None, log)
         summary = BatchGeneration(cfg, ctx, pools, output).run(start_at)
@@ -321,14 +321,20 @@ def _template(key: str, value: str, slots: tuple[str, ...]) -> str:
     return value
 
 
-def _specs(cfg: Config, model_dir: Path, renderer: ChatRenderer, weights: _Weights | None = None):
+def _engine_specs(cfg: Config, weights: _Weights) -> tuple[EngineSpec, EngineSpec]:
+    """The generator and judge engines: the weights the pools start from, each on its pool's device."""
     c = cfg.cluster
-    weights = weights or _Weights(str(model_dir), engines=str(model_dir))
     engine = dict(model_dir=weights.engines, dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
-                  device="cuda" if c.generators.num_gpus > 0 else "cpu", weight_version=weights.version)
-    gen_engine = EngineSpec(**engine, max_batch_size=c.generators.max_batch_size)
-    judge_engine = EngineSpec(**{**engine, "device": "cuda" if c.judges.num_gpus > 0 else "cpu"},
-                              max_batch_size=c.judges.max_batch_size)
+                  weight_version=weights.version)
+    return (EngineSpec(**engine, device="cuda" if c.generators.num_gpus > 0 else "cpu",
+                       max_batch_size=c.generators.max_batch_size),
+            EngineSpec(**engine, device="cuda" if c.judges.num_gpus > 0 else "cpu",
+                       max_batch_size=c.judges.max_batch_size))
+
+
+def _specs(cfg: Config, weights: _Weights):
+    c = cfg.cluster
+    gen_engine, judge_engine = _engine_specs(cfg, weights)
     chat_template = PRESETS.get(cfg.data.chat_template, cfg.data.chat_template) if cfg.data.chat_template else None
     meta_template = None
     if cfg.algorithm.use_meta_judge:

@@ -24,7 +24,7 @@ from learner.types import LossConfig, TrainSample
 
 from ..batching import Batch, GlobalBatcher, OutcomeStats, PromptOutcome
 from ..checkpoint import Checkpoint, Checkpoints
-from ..cluster import LearnerFailed, Pools, ReplicaFailed, refit
+from ..cluster import Pools, ReplicaFailed, raise_learner_failures, refit
 from ..config import Config, limited, per_iteration, sampling_params
 from ..context import RunContext
 from ..faults import crash_point
@@ -115,9 +115,6 @@ class IterativeAlgorithm:
     def _judge_pair_cap(self) -> int:
         return 0
 
-    def _end_iteration(self, summary: IterationSummary) -> None:
-        """Called after an iteration's last step, before its checkpoint."""
-
     def _extra_state(self) -> dict:
         """Algorithm-specific state of the current iteration, for a mid-iteration checkpoint."""
         return {}
@@ -143,7 +140,6 @@ class IterativeAlgorithm:
             self._iteration(summary, mid_state)
             mid_state = None
             summary.seconds += time.perf_counter() - start
-            self._end_iteration(summary)
             summary.val_loss = self._validate()
             path = self._save(f"iter_{it}", "end")
             summary.checkpoint = str(path)
@@ -180,7 +176,7 @@ class IterativeAlgorithm:
             "consumed_samples": self.consumed, "weight_version": self.version, "reference": self.reference_dir,
             "summaries": [dataclasses.asdict(s) for s in self.summaries], "table_rows": self._table_rows,
             "validated_at": self._validated_at, "val_loss": self._val_loss,
-            "metrics_bytes": self.ctx.metrics.sizes(), "actor_restarts": self.pools.actor_restarts,
+            "metrics_bytes": self.ctx.metrics.sizes(),
         }
         if phase == "mid":
             state["position"] = {"released": self._pipeline_now.released if self._pipeline_now else 0,
@@ -206,10 +202,14 @@ class IterativeAlgorithm:
         self.version = st["weight_version"]
         return st["iteration"], st
 
-    def _stop_here(self, reason: str | None, failure: Exception | None) -> None:
-        """Save a mid-iteration checkpoint and stop: cleanly (StopRequested) or re-raising a pool failure."""
+    def _save_step(self) -> Path:
         path = self._save(f"step_{self.step}", "mid")
         self.ctx.log(f"[checkpoint] step {self.step}: {path}")
+        return path
+
+    def _stop_here(self, reason: str | None, failure: Exception | None) -> None:
+        """Save a mid-iteration checkpoint and stop: cleanly (StopRequested) or re-raising a pool failure."""
+        path = self._save_step()
         if failure is not None:
             raise failure
         raise StopRequested(reason, str(path))
@@ -263,12 +263,12 @@ class IterativeAlgorithm:
             if in_training is not None:
                 refs, batch, started = in_training
                 done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                self._check_learner(done)  # a dead worker leaves the others waiting in a collective
+                raise_learner_failures(done)  # a dead worker leaves the others waiting in a collective
                 if len(done) == len(refs):
                     metrics = ray.get(refs)[0]
                     now = time.perf_counter()
                     self._log_step(metrics, batch, summary, now - started, now - last_log, pipeline, loss_cfg)
-                    self._after_step(batch)
+                    self._after_step()
                     last_log = now
                     in_training = None
         leftover, judge_left = batcher.drain()
@@ -278,27 +278,6 @@ class IterativeAlgorithm:
             self.ctx.log(f"[iteration {it}] {summary.unused_pairs} pairs left over (fewer than "
                          f"global_batch_size={a.global_batch_size}) are not trained on")
         self._pipeline_now = self._batcher = None
-
-    @staticmethod
-    def _check_learner(done: list) -> None:
-        """A finished rank's error (it died, or a collective failed because a peer died) stops the run."""
-        for ref in done:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError as e:
-                lines = str(e).strip().splitlines()
-                cause = next((x for x in reversed(lines) if x.strip()), type(e).__name__)[:300]
-                raise LearnerFailed(f"a learner worker failed during a training step ({type(e).__name__}: "
-                                    f"{cause})") from None
-
-    def _learner_result(self, refs: list) -> dict:
-        """Wait for a training step's results, with health checks; a dead worker stops the run."""
-        while True:
-            done, pending = ray.wait(refs, num_returns=len(refs), timeout=0)
-            self._check_learner(done)
-            if not pending:
-                return ray.get(refs)[0]
-            self.pools.wait(pending)
 
     def _sft_iteration(self, summary: IterationSummary, state: dict | None) -> None:
         """Plain supervised fine-tuning on the ground-truth answers (Self-Rewarding's first_iteration_sft)."""
@@ -323,7 +302,7 @@ class IterativeAlgorithm:
                 start = time.perf_counter()
                 refs = self.pools.learner.train_step_async(buffer, loss_cfg)
                 crash_point("step")
-                metrics = self._learner_result(refs)
+                metrics = self.pools.get(refs)[0]
                 self.step += 1
                 self.consumed += len(buffer)
                 summary.steps += 1
@@ -332,7 +311,7 @@ class IterativeAlgorithm:
                 self._emit({**{f"train/{k}": v for k, v in metrics.items()},
                             "train/step_time": time.perf_counter() - start, "train/epoch": epoch,
                             "train/iteration": summary.iteration, "train/consumed_samples": self.consumed})
-                self._after_step(None)
+                self._after_step()
                 buffer = []
         summary.unused_pairs = len(buffer)
         self.ctx.metrics.log({"train/unused_pairs": summary.unused_pairs, "train/iteration": summary.iteration},
@@ -436,14 +415,13 @@ class IterativeAlgorithm:
                 samples.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
         return samples
 
-    def _after_step(self, batch: Batch | None) -> None:
+    def _after_step(self) -> None:
         """Step-interval work: validation with the generations table, and checkpoints."""
         a = self.cfg.algorithm
         if a.val_check_interval > 0 and self.step % a.val_check_interval == 0:
             self._validate()
         if a.save_interval > 0 and self.step % a.save_interval == 0:
-            path = self._save(f"step_{self.step}", "mid")
-            self.ctx.log(f"[checkpoint] step {self.step}: {path}")
+            self._save_step()
 
     def _steps_exhausted(self) -> bool:
         cap = self.cfg.algorithm.max_steps
