@@ -7,6 +7,10 @@ measured here). Prints one table and the hardware.
 
     python benchmarks/engine_decode.py                 # on a GPU machine
     python benchmarks/engine_decode.py --skip-hf       # the engine only
+    python benchmarks/engine_decode.py --sdpa          # also the engine with SDPA decode attention
+
+Below the table: where a step's time goes (one captured decode step replayed alone, the decode-attention
+kernel alone at the run's mean context, and the rest: host work between steps plus prefill).
 """
 
 from __future__ import annotations
@@ -72,12 +76,52 @@ def prompts(batch: int, length: int, seed: int = 1) -> list[list[int]]:
     return torch.randint(10, 120000, (batch, length), generator=g).tolist()
 
 
-def time_engine(model_dir: Path, ids: list[list[int]], new: int, dtype: str, repeats: int) -> tuple[float, list[list[int]]]:
+def cuda_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
+    """Median milliseconds of `fn` on the GPU (CUDA events)."""
+    times = []
+    for i in range(warmup + repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def step_breakdown(engine, batch: int, prompt: int, new: int, bandwidth: float) -> list[str]:
+    """GPU time of one graph-replayed decode step at the run's widest window, and of the attention kernel
+    alone over the run's mean context (its bytes over the copy bandwidth give its own roofline share)."""
+    from actors.engines.decode_attention import decode_attention
+
+    lines = []
+    if engine._graphs is not None:
+        ms = cuda_ms(lambda: engine._graphs.run(batch, prompt + new))
+        lines.append(f"one decode step replayed alone (window {engine._graphs.shape(batch, prompt + new)[1]}): "
+                     f"{ms:.3f} ms")
+    if engine._kernel:
+        a = engine.args
+        mean = prompt + new // 2
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(batch, a.num_heads, a.head_dim, device="cuda", generator=g).to(torch.bfloat16)
+        k, v = engine.cache.read(0, batch, engine.max_seq_len)
+        lengths = torch.randint(prompt, prompt + new, (batch,), device="cuda", generator=g)
+        ms = cuda_ms(lambda: decode_attention(q, k, v, lengths))
+        nbytes = int(lengths.sum()) * a.num_kv_heads * a.head_dim * 2 * k.element_size()
+        lines.append(f"decode attention, one layer, {batch} slots, mean context ~{mean}: {ms * 1e3:.1f} us, "
+                     f"{nbytes / ms / 1e6:.0f} GB/s ({nbytes / ms / 1e9 * 1e3 / bandwidth:.0%} of copy bandwidth)")
+    return lines
+
+
+def time_engine(model_dir: Path, ids: list[list[int]], new: int, dtype: str, repeats: int,
+                decode_kernel: bool | None = None, bandwidth: float = 0.0
+                ) -> tuple[float, list[list[int]], list[str]]:
     from actors.engines.protocol import GenerationRequest, SamplingParams
     from actors.engines.torch_engine import TorchEngine
 
     engine = TorchEngine(str(model_dir), device="cuda", dtype=dtype, max_batch_size=len(ids),
-                         max_seq_len=len(ids[0]) + new + 8)
+                         max_seq_len=len(ids[0]) + new + 8, decode_kernel=decode_kernel)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=new)
     requests = [GenerationRequest(p, sampling, seed=i) for i, p in enumerate(ids)]
     engine.generate(requests[:8])  # warm-up
@@ -89,9 +133,10 @@ def time_engine(model_dir: Path, ids: list[list[int]], new: int, dtype: str, rep
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     assert all(len(r.token_ids) == new for r in out), "a sequence stopped early"
+    notes = step_breakdown(engine, len(ids), len(ids[0]), new, bandwidth)
     del engine
     torch.cuda.empty_cache()
-    return statistics.median(times), [r.token_ids for r in out]
+    return statistics.median(times), [r.token_ids for r in out], notes
 
 
 def time_hf(model_dir: Path, ids: list[list[int]], new: int, dtype: torch.dtype, repeats: int) -> tuple[float, list[list[int]]]:
@@ -123,6 +168,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--sdpa", action="store_true", help="also time the engine with SDPA decode attention")
     args = ap.parse_args()
     dtype = torch.bfloat16
     props = torch.cuda.get_device_properties(0)
@@ -134,9 +180,15 @@ def main() -> None:
         weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         ids = prompts(args.batch, args.prompt)
         roof = roofline_tokens_per_s(args.batch, args.prompt, args.new, weight_bytes, bandwidth, 2)
-        rows = []
-        t_engine, tok_engine = time_engine(model_dir, ids, args.new, "bfloat16", args.repeats)
+        rows, notes = [], []
+        t_engine, tok_engine, notes = time_engine(model_dir, ids, args.new, "bfloat16", args.repeats,
+                                                  bandwidth=bandwidth)
         rows.append(("torch engine", t_engine))
+        if args.sdpa:
+            t_sdpa, tok_sdpa, _ = time_engine(model_dir, ids, args.new, "bfloat16", args.repeats, decode_kernel=False)
+            rows.append(("torch engine, SDPA decode", t_sdpa))
+            same = sum(a[:16] == b[:16] for a, b in zip(tok_engine, tok_sdpa)) / len(ids)
+            print(f"greedy agreement, Triton vs SDPA decode attention (first 16 tokens): {same:.1%} of sequences")
         if not args.skip_hf:
             t_hf, tok_hf = time_hf(model_dir, ids, args.new, dtype, args.repeats)
             rows.append(("transformers generate", t_hf))
@@ -146,11 +198,15 @@ def main() -> None:
     tokens = args.batch * args.new
     print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
           f"roofline {roof:,.0f} tokens/s ({args.batch} seqs, {args.prompt} prompt + {args.new} new, bf16)")
-    print(f"| {'implementation':<22} | {'seconds':>8} | {'tokens/s':>10} | {'steps/s':>8} | {'of roofline':>11} |")
-    print(f"|{'-' * 24}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 13}|")
+    print(f"| {'implementation':<26} | {'seconds':>8} | {'tokens/s':>10} | {'steps/s':>8} | {'of roofline':>11} |")
+    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 13}|")
     for name, seconds in rows:
-        print(f"| {name:<22} | {seconds:8.2f} | {tokens / seconds:10,.0f} | {args.new / seconds:8.1f} | "
+        print(f"| {name:<26} | {seconds:8.2f} | {tokens / seconds:10,.0f} | {args.new / seconds:8.1f} | "
               f"{tokens / seconds / roof:10.1%} |")
+    print(f"floor per decode step at the mean context: {1e3 * args.new * args.batch / roof / args.new:.3f} ms; "
+          f"measured {1e3 * t_engine / args.new:.3f} ms per step (prefill included)")
+    for line in notes:
+        print(line)
 
 
 if __name__ == "__main__":

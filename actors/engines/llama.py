@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actors.engines import decode_attention
 from actors.engines.kv_cache import KVCache, decode_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -169,10 +170,11 @@ class ForwardContext:
     """Positions, attention mask and cache wiring for one forward call."""
 
     positions: torch.Tensor  # [B, T] int64
-    mask: torch.Tensor  # [B, 1, T, K] bool, True = attend
+    mask: torch.Tensor | None  # [B, 1, T, K] bool, True = attend (None with `lengths`)
     cache: KVCache | None = None
     prefill_slots: torch.Tensor | None = None  # prefill: cache slot of each row, [B]
     kv_len: int = 0  # decode: attend over cache positions [0, kv_len)
+    lengths: torch.Tensor | None = None  # decode with the Triton kernel: keys per slot (no mask needed)
 
     @classmethod
     def full(cls, lengths: torch.Tensor, seq_len: int) -> "ForwardContext":
@@ -190,8 +192,10 @@ class ForwardContext:
         return ctx
 
     @classmethod
-    def decode(cls, positions: torch.Tensor, cache: KVCache, kv_len: int) -> "ForwardContext":
-        """One token per slot for slots [0, B); positions [B]."""
+    def decode(cls, positions: torch.Tensor, cache: KVCache, kv_len: int, kernel: bool = False) -> "ForwardContext":
+        """One token per slot for slots [0, B); positions [B]. `kernel`: attend with the Triton decode kernel."""
+        if kernel:
+            return cls(positions=positions[:, None], mask=None, cache=cache, kv_len=kv_len, lengths=positions + 1)
         return cls(positions=positions[:, None], mask=decode_mask(positions, kv_len), cache=cache, kv_len=kv_len)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,9 +247,12 @@ class Attention(nn.Module):
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = ctx.keys_values(self.layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
+        if ctx.lengths is not None:
+            out = decode_attention.decode_attention(q[:, :, 0], k, v, ctx.lengths)[:, :, None]
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
+            )
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -325,10 +332,13 @@ class Transformer(nn.Module):
         last = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
         return self.logits(last)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int) -> torch.Tensor:
-        """One token per slot for slots [0, B): tokens/positions [B] -> logits [B, V]."""
-        hidden = self.hidden_states(tokens[:, None], ForwardContext.decode(positions, cache, kv_len))
-        return self.logits(hidden[:, 0])
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int,
+               kernel: bool = False) -> torch.Tensor:
+        """One token per slot for slots [0, B): tokens/positions [B] -> logits [B, V] in the model dtype
+        (argmax needs no float32 copy of [B, V]; samplers upcast). `kernel`: Triton decode attention."""
+        hidden = self.hidden_states(tokens[:, None], ForwardContext.decode(positions, cache, kv_len, kernel))
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden[:, 0], head)
 
 
 # ---------------------------------------------------------------------------------------- weight names

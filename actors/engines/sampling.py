@@ -55,14 +55,14 @@ def sample_tokens(
 ) -> torch.Tensor:
     """Pick one token per row.
 
-    logits [B, V] float; temperature/top_p [B] float32; top_k/seed_lo/seed_hi/step [B] int64.
+    logits [B, V] in any float dtype; temperature/top_p [B] float32; top_k/seed_lo/seed_hi/step [B] int64.
     Rows with temperature == 0 take the argmax; the others apply temperature, then top-k (0 = off), then
     top-p on the renormalised top-k distribution, then inverse-CDF sampling with the row's uniform.
     """
-    logits = logits.float()
-    greedy = logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1)  # upcasting is exact, so argmax needs no float32 copy
     if all_greedy:
         return greedy
+    logits = logits.float()
     vocab = logits.shape[-1]
     is_greedy = temperature <= 0
     temp = torch.where(is_greedy, torch.ones_like(temperature), temperature)

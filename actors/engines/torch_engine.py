@@ -3,14 +3,18 @@
 Scheduling (`generate`): continuous batching over a fixed set of cache slots. Each loop iteration
 (1) admits waiting requests into the lowest free slots and prefills them together (right-padded, one
 forward per chunk of at most `max_prefill_tokens` padded tokens), sampling each one's first token, then
-(2) runs one decode step over slots [0, B), B = highest active slot + 1. Finished sequences free their slot
-at once, so the next waiting request takes it in the following iteration.
+(2) queues one decode step over slots [0, B), B = highest active slot + 1, and (3) records the tokens of the
+step queued in the previous iteration. Running one step ahead keeps the GPU busy while the host does its
+bookkeeping; a sequence that ended gets one extra, discarded step. Finished sequences free their slot, so
+the next waiting request takes it in the following iteration.
 
 Device state lives in preallocated per-slot tensors (`_SlotState`): last token, position, step counter,
-sampling parameters, and a log-prob buffer, so a decode step has static shapes given (B, kv_len). The only
-device->host transfer per step is the [B] vector of new tokens, which the host needs to decide stopping;
-host bookkeeping (`_HostState`) is vectorised with numpy except for the few sequences that finish or
-carry stop strings.
+sampling parameters, and a log-prob buffer, so a decode step has static shapes given (B, window). On GPU a
+step is a replayed CUDA graph (`cuda_graphs.py`) whose attention is a Triton kernel reading each slot's
+cache only up to its own length (`decode_attention.py`). The only device->host transfer per step is the
+[B] vector of new tokens (asynchronous, into pinned memory), which the host needs to decide stopping; host
+bookkeeping (`_HostState`) is vectorised with numpy except for the few sequences that finish or carry stop
+strings.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from actors.engines.cuda_graphs import DecodeGraphs
+from actors.engines import decode_attention
+from actors.engines.cuda_graphs import DecodeGraphs, decode_window
 from actors.engines.llama import ForwardContext, ModelArgs, Transformer, hf_views
 from actors.engines.protocol import FinishReason, GenerationRequest, GenerationResult, WeightBucket
 from actors.engines.sampling import sample_tokens, split_seed, token_logprobs
 from actors.engines.weights import torch_dtype, unpack_bucket
 
-KV_LEN_BUCKET = 64  # decode attends over a multiple of this many cache positions (fewer distinct shapes)
+KV_LEN_BUCKET = 64  # CPU decode attends over a multiple of this many cache positions (fewer distinct shapes)
 LOGITS_CHUNK = 1024  # rows per lm_head call in `score`, bounding the [rows, vocab] buffer
 
 
@@ -48,7 +53,10 @@ class TorchEngine:
         weight_version: int = 0,
         max_prefill_tokens: int = 8192,
         cuda_graphs: bool = True,
+        decode_kernel: bool | None = None,
     ) -> None:
+        """`decode_kernel`: attend in decode steps with the Triton kernel (None: on CUDA when Triton is
+        installed; True elsewhere only under Triton's interpreter, for tests)."""
         self.device = torch.device(device)
         config = AutoConfig.from_pretrained(model_dir)
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
@@ -64,9 +72,12 @@ class TorchEngine:
         self.cache = self.model.new_cache(max_batch_size)
         self._slots = _SlotState(max_batch_size, self.max_seq_len, self.device)
         self.weight_version = weight_version
+        self._kernel = decode_attention.available(self.device) if decode_kernel is None else decode_kernel
         # GPU decode steps replay captured graphs (weights are updated in place, so refits keep them valid).
         self._graphs = (DecodeGraphs(self._eager_decode, max_batch_size, self.max_seq_len)
                         if cuda_graphs and self.device.type == "cuda" else None)
+        if self.device.type == "cuda":  # where decode steps' tokens land on the host (see _launch_decode)
+            self._host_tokens = [torch.empty(max_batch_size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
 
     # ------------------------------------------------------------------------------------------- weights
 
@@ -175,6 +186,7 @@ class TorchEngine:
         host = _HostState(requests, self.max_batch_size, self.max_seq_len, self.stop_token_ids, self.tokenizer)
         results: list[GenerationResult | None] = [None] * len(requests)
         waiting = deque(range(len(requests)))
+        in_flight: _Step | None = None
         with torch.inference_mode():
             while waiting or host.any_active():
                 free = host.free_slots()
@@ -183,8 +195,13 @@ class TorchEngine:
                     lengths = [len(requests[i].prompt_ids) for _, i in admitted]
                     for chunk in _chunks_by_tokens(admitted, lengths, self.max_prefill_tokens):
                         self._finish(host, self._prefill(host, chunk), results)
-                if host.any_active():
-                    self._finish(host, self._decode_step(host), results)
+                # One step ahead: step k is queued on the device before the host reads step k - 1's tokens, so
+                # the device never waits for host bookkeeping. A sequence that ended at step k - 1 gets one
+                # wasted extra step, whose token `_record` drops.
+                launched = self._launch_decode(host, in_flight is not None) if host.any_active() else None
+                if in_flight is not None:
+                    self._finish(host, self._record(host, in_flight), results)
+                in_flight = launched  # left over at the end: a step over ended sequences only, never read
         done = [r for r in results if r is not None]
         assert len(done) == len(requests), "every request finishes before the loop exits"
         return done
@@ -202,31 +219,57 @@ class TorchEngine:
         self._slots.tokens[slot_t] = new_tokens
         return host.record(np.asarray(slots), new_tokens.cpu().numpy())
 
-    def _decode_step(self, host: "_HostState") -> list["_Finished"]:
+    def _launch_decode(self, host: "_HostState", step_in_flight: bool) -> "_Step":
+        """Queue one decode step over slots [0, B) and the copy of its tokens to the host."""
         b = host.extent()
-        kv_len = min(-(-host.max_total_len(b) // KV_LEN_BUCKET) * KV_LEN_BUCKET, self.max_seq_len)
+        needed = host.max_total_len(b) + int(step_in_flight)  # that step's token is not recorded yet
+        if self._graphs is not None:
+            logits, argmax = self._graphs.run(b, needed)
+        elif self._kernel:  # the kernel compiles one variant per window: keep to the graphs' few windows
+            logits, argmax = self._eager_decode(b, decode_window(needed, self.max_seq_len))
+        else:
+            logits, argmax = self._eager_decode(b, min(-(-needed // KV_LEN_BUCKET) * KV_LEN_BUCKET, self.max_seq_len))
         s = self._slots
-        logits = self._graphs.run(b, kv_len) if self._graphs is not None else self._eager_decode(b, kv_len)
         rows = torch.arange(b, device=self.device)
-        new_tokens = self._sample(logits, rows, host, np.arange(b))
+        new_tokens = self._sample(logits, rows, host, np.arange(b), argmax)
         s.tokens[:b] = new_tokens
         s.positions[:b] += s.active[:b]  # free slots stay at position 0, inside the cache
-        return host.record(np.arange(b), new_tokens.cpu().numpy())
+        if self.device.type != "cuda":
+            return _Step(b, new_tokens.numpy(), None, host.epoch[:b].copy())
+        self._host_tokens = self._host_tokens[::-1]  # two pinned buffers: one being filled, one being read
+        buffer = self._host_tokens[0]
+        buffer[:b].copy_(new_tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Step(b, buffer[:b].numpy(), ready, host.epoch[:b].copy())
 
-    def _eager_decode(self, rows: int, kv_len: int) -> torch.Tensor:
+    def _record(self, host: "_HostState", step: "_Step") -> list["_Finished"]:
+        if step.ready is not None:
+            step.ready.synchronize()
+        return host.record(np.arange(step.rows), step.tokens, step.epochs)
+
+    def _eager_decode(self, rows: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [rows, V] (model dtype) and their argmax for slots [0, rows) (what a graph captures)."""
         s = self._slots
-        return self.model.decode(s.tokens[:rows], s.positions[:rows], self.cache, kv_len)
+        logits = self.model.decode(s.tokens[:rows], s.positions[:rows], self.cache, kv_len, kernel=self._kernel)
+        return logits, logits.argmax(dim=-1)
 
     def _sample(
-        self, logits: torch.Tensor, rows: torch.Tensor, host: "_HostState", rows_np: np.ndarray
+        self, logits: torch.Tensor, rows: torch.Tensor, host: "_HostState", rows_np: np.ndarray,
+        argmax: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sample for slot indices `rows` (device) / `rows_np` (host), advancing their step counters."""
+        """Sample for slot indices `rows` (device) / `rows_np` (host), advancing their step counters.
+        `argmax`: the logits' argmax when already computed (all-greedy rows then skip the sampler)."""
         s = self._slots
         steps = s.steps[rows]
-        tokens = sample_tokens(
-            logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed_lo[rows], s.seed_hi[rows], steps,
-            all_greedy=host.all_greedy(rows_np),
-        )
+        greedy = host.all_greedy(rows_np)
+        if greedy and argmax is not None:
+            tokens = argmax
+        else:
+            tokens = sample_tokens(
+                logits, s.temperature[rows], s.top_k[rows], s.top_p[rows], s.seed_lo[rows], s.seed_hi[rows], steps,
+                all_greedy=greedy,
+            )
         if host.wants_logprobs(rows_np):
             s.logprobs[rows, steps] = token_logprobs(logits, tokens)
         s.steps[rows] = steps + s.active[rows]
@@ -317,6 +360,16 @@ class _SlotState:
 
 
 @dataclass
+class _Step:
+    """A decode step queued on the device: its tokens for slots [0, rows) once `ready` (None: already there)."""
+
+    rows: int
+    tokens: np.ndarray
+    ready: "torch.cuda.Event | None"
+    epochs: np.ndarray  # each slot's assignment count at launch: a slot reassigned since gets no token from it
+
+
+@dataclass
 class _Finished:
     slot: int
     request: int
@@ -339,6 +392,7 @@ class _HostState:
     ) -> None:
         self.requests, self.max_seq_len, self.tokenizer = requests, max_seq_len, tokenizer
         self.req = np.full(num_slots, -1, dtype=np.int64)  # request index per slot; -1 = free
+        self.epoch = np.zeros(num_slots, dtype=np.int64)  # assignments per slot (see _Step.epochs)
         self.prompt_len = np.zeros(num_slots, dtype=np.int64)
         self.n_gen = np.zeros(num_slots, dtype=np.int64)
         self.max_new = np.zeros(num_slots, dtype=np.int64)
@@ -373,6 +427,7 @@ class _HostState:
 
     def assign(self, slot: int, request: int) -> None:
         r = self.requests[request]
+        self.epoch[slot] += 1
         self.req[slot], self.prompt_len[slot], self.n_gen[slot] = request, len(r.prompt_ids), 0
         self.max_new[slot] = r.sampling.max_new_tokens
         self.greedy[slot] = r.sampling.temperature == 0
@@ -381,9 +436,12 @@ class _HostState:
         self.extra_stop[slot] = -1
         self.extra_stop[slot, : len(r.sampling.stop_token_ids)] = r.sampling.stop_token_ids
 
-    def record(self, slots: np.ndarray, tokens: np.ndarray) -> list[_Finished]:
-        """Append one new token per active slot; return (and free) the slots that finished."""
+    def record(self, slots: np.ndarray, tokens: np.ndarray, epochs: np.ndarray | None = None) -> list[_Finished]:
+        """Append one new token per active slot; return (and free) the slots that finished. With `epochs`
+        (a decode step's launch-time snapshot), slots reassigned since the launch are skipped."""
         active = self.req[slots] >= 0
+        if epochs is not None:
+            active &= self.epoch[slots] == epochs
         slots, tokens = slots[active], tokens[active]
         self.out[slots, self.n_gen[slots]] = tokens
         self.n_gen[slots] += 1

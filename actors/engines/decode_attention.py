@@ -1,0 +1,130 @@
+"""Decode attention on the GPU: one new query token per slot against that slot's cached keys, in Triton.
+
+Why a kernel of our own: torch SDPA has no fast path for this case. A per-slot length needs a mask, and a
+mask together with grouped-query attention sends SDPA to its math path, which materialises the keys and
+values repeated for every query head and attends over the whole padded cache window: several times the
+bytes the step must read. This kernel reads each slot's keys and values once, only up to its own length,
+and serves all query heads of a key-value group from that one read.
+
+One program per (slot, key-value head): the group's query heads (padded to 16 rows for the matrix units)
+against key/value blocks of BLOCK_N positions, with an online softmax in float32 (flash-attention style).
+Lengths come from device memory, so a captured CUDA graph stays valid as sequences grow.
+
+Tests run it on CPU through Triton's interpreter (TRITON_INTERPRET=1, float32/float16 data: the interpreter
+mishandles bfloat16 matrix products), and on the GPU machine in bfloat16 against SDPA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the engine uses SDPA there
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def available(device: torch.device) -> bool:
+    """The kernel serves CUDA devices when Triton is installed."""
+    return triton is not None and device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend_block(q, k_base, v_base, stride_ks, stride_vs, start, length, d, d_ok, m_i, l_i, acc, qk_scale,
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """One online-softmax update with keys/values at positions [start, start + BLOCK_N)."""
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < length
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+        # Scores in log2 units (qk_scale folds in log2(e)) so the softmax uses exp2.
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+    @triton.jit
+    def _decode_attention_kernel(
+        Q, K, V, O, LENGTHS, qk_scale,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob,
+        stride_oh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+        KV_LEN: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        slot = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D_PAD)
+        g_ok = g < GROUP
+        d_ok = d < HEAD_DIM
+        heads = kv_head * GROUP + g
+        q = tl.load(Q + slot * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        length = tl.load(LENGTHS + slot)
+
+        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+        k_base = K + slot * stride_kb + kv_head * stride_kh
+        v_base = V + slot * stride_vb + kv_head * stride_vh
+        # Compiled, the loop stops at this slot's length (a run-time bound Triton can software-pipeline).
+        # Triton's interpreter (the CPU tests) cannot take a run-time value as a loop bound, so there it runs
+        # over the whole window KV_LEN: blocks past the length are fully masked and change nothing (p = 0,
+        # alpha = 1), so both compute the same result.
+        if INTERPRETED:
+            for start in range(0, KV_LEN, BLOCK_N):
+                m_i, l_i, acc = _attend_block(q, k_base, v_base, stride_ks, stride_vs, start, length, d, d_ok, m_i,
+                                              l_i, acc, qk_scale, BLOCK_N, PRECISION)
+        else:
+            for start in range(0, length, BLOCK_N):
+                m_i, l_i, acc = _attend_block(q, k_base, v_base, stride_ks, stride_vs, start, length, d, d_ok, m_i,
+                                              l_i, acc, qk_scale, BLOCK_N, PRECISION)
+        out = acc / l_i[:, None]
+        tl.store(O + slot * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *,
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Attention of one query per slot over its first `lengths[b]` cached positions.
+
+    q [B, H, D]; k, v [B, H_kv, W, D] (views of the cache window: any slot/head/position strides, unit
+    stride in D); lengths [B] integers in [1, W]. Returns [B, H, D] in q's dtype. H must be a multiple of
+    H_kv.
+    """
+    if triton is None:
+        raise RuntimeError("decode_attention needs Triton (pip install triton)")
+    b, h, d = q.shape
+    kv_heads = k.shape[1]
+    if h % kv_heads:
+        raise ValueError(f"{h} query heads are not a multiple of {kv_heads} key-value heads")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("decode_attention needs unit stride along the head dimension")
+    group = h // kv_heads
+    out = torch.empty_like(q)
+    # float32 inputs take exact products (not TF32): the CPU-equivalent path must match eager attention.
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    _decode_attention_kernel[(b, kv_heads)](
+        q, k, v, out, lengths, LOG2E / math.sqrt(d),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
+        D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, PRECISION=precision,
+        # The window only bounds the interpreter's loop; compiled, one variant serves every window.
+        KV_LEN=k.shape[2] if interpreted else 0, INTERPRETED=interpreted, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
