@@ -90,7 +90,7 @@ def cuda_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
-def step_breakdown(engine, batch: int, prompt: int, new: int, bandwidth: float) -> list[str]:
+def step_breakdown(engine, batch: int, prompt: int, new: int, bandwidth: float, profile: bool) -> list[str]:
     """GPU time of one graph-replayed decode step at the run's widest window, and of the attention kernel
     alone over the run's mean context (its bytes over the copy bandwidth give its own roofline share)."""
     from actors.engines.decode_attention import decode_attention
@@ -106,16 +106,29 @@ def step_breakdown(engine, batch: int, prompt: int, new: int, bandwidth: float) 
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(batch, a.num_heads, a.head_dim, device="cuda", generator=g).to(torch.bfloat16)
         k, v = engine.cache.read(0, batch, engine.max_seq_len)
+        k.normal_(generator=g), v.normal_(generator=g)  # never time on zeros
         lengths = torch.randint(prompt, prompt + new, (batch,), device="cuda", generator=g)
-        ms = cuda_ms(lambda: decode_attention(q, k, v, lengths))
         nbytes = int(lengths.sum()) * a.num_kv_heads * a.head_dim * 2 * k.element_size()
-        lines.append(f"decode attention, one layer, {batch} slots, mean context ~{mean}: {ms * 1e3:.1f} us, "
-                     f"{nbytes / ms / 1e6:.0f} GB/s ({nbytes / ms / 1e9 * 1e3 / bandwidth:.0%} of copy bandwidth)")
+        for block_n, warps, stages in [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 2)]:
+            ms = cuda_ms(lambda: decode_attention(q, k, v, lengths, block_n=block_n, num_warps=warps,
+                                                  num_stages=stages))
+            lines.append(f"decode attention, one layer, {batch} slots, mean context ~{mean}, block {block_n}, "
+                         f"{warps} warps, {stages} stages: {ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s "
+                         f"({nbytes / (ms / 1e3) / bandwidth:.0%} of copy bandwidth)")
+    if profile and engine._graphs is not None:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                engine._graphs.run(batch, prompt + new)
+            torch.cuda.synchronize()
+        lines.append("GPU kernels of 5 replayed decode steps (torch.profiler):")
+        lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     return lines
 
 
 def time_engine(model_dir: Path, ids: list[list[int]], new: int, dtype: str, repeats: int,
-                decode_kernel: bool | None = None, bandwidth: float = 0.0
+                decode_kernel: bool | None = None, bandwidth: float = 0.0, profile: bool = False
                 ) -> tuple[float, list[list[int]], list[str]]:
     from actors.engines.protocol import GenerationRequest, SamplingParams
     from actors.engines.torch_engine import TorchEngine
@@ -133,7 +146,7 @@ def time_engine(model_dir: Path, ids: list[list[int]], new: int, dtype: str, rep
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     assert all(len(r.token_ids) == new for r in out), "a sequence stopped early"
-    notes = step_breakdown(engine, len(ids), len(ids[0]), new, bandwidth)
+    notes = step_breakdown(engine, len(ids), len(ids[0]), new, bandwidth, profile) if bandwidth else []
     del engine
     torch.cuda.empty_cache()
     return statistics.median(times), [r.token_ids for r in out], notes
@@ -169,6 +182,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--sdpa", action="store_true", help="also time the engine with SDPA decode attention")
+    ap.add_argument("--profile", action="store_true", help="list the GPU kernels of a decode step")
     args = ap.parse_args()
     dtype = torch.bfloat16
     props = torch.cuda.get_device_properties(0)
@@ -182,7 +196,7 @@ def main() -> None:
         roof = roofline_tokens_per_s(args.batch, args.prompt, args.new, weight_bytes, bandwidth, 2)
         rows, notes = [], []
         t_engine, tok_engine, notes = time_engine(model_dir, ids, args.new, "bfloat16", args.repeats,
-                                                  bandwidth=bandwidth)
+                                                  bandwidth=bandwidth, profile=args.profile)
         rows.append(("torch engine", t_engine))
         if args.sdpa:
             t_sdpa, tok_sdpa, _ = time_engine(model_dir, ids, args.new, "bfloat16", args.repeats, decode_kernel=False)

@@ -106,3 +106,36 @@ def test_engine_with_kernel_generates_the_sdpa_tokens(interpreted, tmp_path):
     finally:
         torch.set_num_threads(previous)
     assert [r.token_ids for r in kernel] == [r.token_ids for r in sdpa]
+
+
+# ------------------------------------------------------------------------------- fused norm and SwiGLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_fused_norm_and_swiglu_match_the_eager_modules(interpreted, dtype):
+    from actors.engines import fused_ops
+    from actors.engines.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(7)
+    hidden, inter = 96, 160  # not powers of two: masked lanes
+    norm = RMSNorm(hidden, 1e-5, DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_((1 + 0.3 * torch.randn(hidden, generator=g)).to(dtype))
+    x = torch.randn(3, 5, hidden, generator=g).to(dtype).to(DEVICE)
+    r = torch.randn(3, 5, hidden, generator=g).to(dtype).to(DEVICE)
+    total, normed = fused_ops.add_rmsnorm(x, r, norm.weight, norm.eps)
+    assert torch.equal(total, x + r)
+    want = norm(x + r)
+    # Same rounding points as eager; float32 sums in another order may move a value by one unit of rounding.
+    ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert ((normed.float() - want.float()).abs() <= ulp * want.float().abs().clamp(min=1)).all()
+    same, normed_only = fused_ops.add_rmsnorm(x, None, norm.weight, norm.eps)
+    assert same is x or torch.equal(same, x)
+    assert ((normed_only.float() - norm(x).float()).abs() <= ulp * norm(x).float().abs().clamp(min=1)).all()
+
+    gate_up = torch.randn(4, 2, 2 * inter, generator=g).to(dtype).to(DEVICE)
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = fused_ops.silu_mul(gate_up)
+    assert got.shape == want.shape
+    assert ((got.float() - want.float()).abs() <= ulp * want.float().abs().clamp(min=1)).all()

@@ -53,17 +53,19 @@ def test_cuda_graph_decode_gives_the_eager_tokens(small_model, temperature):
 
 def test_bf16_1b_generation_follows_transformers(tmp_path):
     """Each token the engine picks greedily is, under transformers' bf16 logits for the same prefix, within
-    bf16 rounding of the best logit (random weights make near-ties common, so exact ids can differ)."""
+    bf16 rounding of the best logit (random weights make near-ties common, so exact ids can differ), and the
+    engine's log-prob of it matches transformers' within bf16 rounding."""
     config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
                          rope_theta=500000.0, tie_word_embeddings=True, eos_token_id=None, bos_token_id=None)
     path = save_model(tmp_path / "llama1b", config, torch.bfloat16)
     engine = TorchEngine(path, device="cuda", dtype="bfloat16", max_batch_size=16, max_seq_len=256)
-    reqs = requests(8, 24, 0.0)
+    reqs = [GenerationRequest(r.prompt_ids, SamplingParams(temperature=0.0, max_new_tokens=24, return_logprobs=True),
+                              seed=r.seed) for r in requests(8, 24, 0.0)]
     out = engine.generate(reqs)
     del engine
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
-    exact = 0
+    gaps = []
     with torch.no_grad():
         for r, o in zip(reqs, out):
             seq = torch.tensor([list(r.prompt_ids) + o.token_ids], device="cuda")
@@ -72,5 +74,8 @@ def test_bf16_1b_generation_follows_transformers(tmp_path):
             best = logits.max(-1).values
             tolerance = 0.05 * logits.abs().max(-1).values  # bf16 logits carry ~3 significant digits
             assert (best - picked <= tolerance).all(), (best - picked).max().item()
-            exact += int((logits.argmax(-1).tolist() == o.token_ids))
-    assert exact >= len(reqs) // 2  # most sequences match token for token
+            hf_logprobs = logits.log_softmax(-1).gather(1, torch.tensor(o.token_ids, device="cuda")[:, None])[:, 0]
+            gaps.append((torch.tensor(o.logprobs, device="cuda") - hf_logprobs).abs())
+    gaps = torch.cat(gaps)
+    # log-probs near -ln(128256) = -11.8, where bf16 logits' rounding (and so the two paths') is ~0.03-0.06
+    assert gaps.max() < 0.25 and gaps.mean() < 0.06, (gaps.max().item(), gaps.mean().item())

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.engines import decode_attention
+from actors.engines import decode_attention, fused_ops
 from actors.engines.kv_cache import KVCache, decode_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -262,7 +262,9 @@ class MLP(nn.Module):
         self.w_gate_up = _linear(args.hidden_size, 2 * args.intermediate_size, args.mlp_bias, device, dtype)
         self.w_down = _linear(args.intermediate_size, args.hidden_size, args.mlp_bias, device, dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            return self.w_down(fused_ops.silu_mul(self.w_gate_up(x)))
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
         return self.w_down(F.silu(gate) * up)
 
@@ -278,6 +280,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, ctx)
         return x + self.mlp(self.mlp_norm(x))
+
+    def forward_fused(self, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                      ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same block with fused kernels. The MLP output is returned, not added: the next block's norm
+        kernel adds it (`pending`), saving a pass over the activations. Returns (x, pending)."""
+        x, h = fused_ops.add_rmsnorm(x, pending, self.attn_norm.weight, self.attn_norm.eps)
+        x, h = fused_ops.add_rmsnorm(x, self.attn(h, cos, sin, ctx), self.mlp_norm.weight, self.mlp_norm.eps)
+        return x, self.mlp(h, fused=True)
 
 
 class Transformer(nn.Module):
@@ -305,6 +315,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.requires_grad_(False)
+        self.fused = False  # norms and SwiGLU through fused_ops' Triton kernels (the engine sets it on GPU)
 
     def new_cache(self, max_batch_size: int) -> KVCache:
         a, w = self.args, self.embed_tokens.weight
@@ -317,6 +328,11 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         cos = self.rope_cos[ctx.positions].unsqueeze(1).to(x.dtype)
         sin = self.rope_sin[ctx.positions].unsqueeze(1).to(x.dtype)
+        if self.fused:
+            pending = None
+            for block in self.layers:
+                x, pending = block.forward_fused(x, pending, cos, sin, ctx)
+            return fused_ops.add_rmsnorm(x, pending, self.norm.weight, self.norm.eps)[1]
         for block in self.layers:
             x = block(x, cos, sin, ctx)
         return self.norm(x)

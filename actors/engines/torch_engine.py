@@ -55,8 +55,8 @@ class TorchEngine:
         cuda_graphs: bool = True,
         decode_kernel: bool | None = None,
     ) -> None:
-        """`decode_kernel`: attend in decode steps with the Triton kernel (None: on CUDA when Triton is
-        installed; True elsewhere only under Triton's interpreter, for tests)."""
+        """`decode_kernel`: the Triton path: decode attention, fused norms and SwiGLU (None: on CUDA when
+        Triton is installed; True elsewhere only under Triton's interpreter, for tests)."""
         self.device = torch.device(device)
         config = AutoConfig.from_pretrained(model_dir)
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
@@ -73,6 +73,7 @@ class TorchEngine:
         self._slots = _SlotState(max_batch_size, self.max_seq_len, self.device)
         self.weight_version = weight_version
         self._kernel = decode_attention.available(self.device) if decode_kernel is None else decode_kernel
+        self.model.fused = self._kernel  # the fused norm/SwiGLU kernels come with the Triton path
         # GPU decode steps replay captured graphs (weights are updated in place, so refits keep them valid).
         self._graphs = (DecodeGraphs(self._eager_decode, max_batch_size, self.max_seq_len)
                         if cuda_graphs and self.device.type == "cuda" else None)
