@@ -139,3 +139,29 @@ def test_fused_norm_and_swiglu_match_the_eager_modules(interpreted, dtype):
     got = fused_ops.silu_mul(gate_up)
     assert got.shape == want.shape
     assert ((got.float() - want.float()).abs() <= ulp * want.float().abs().clamp(min=1)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_fused_rope_and_cache_write_match_the_eager_path(interpreted, dtype):
+    from actors.engines import fused_ops
+    from actors.engines.kv_cache import KVCache
+    from actors.engines.llama import apply_rope
+
+    g = torch.Generator().manual_seed(11)
+    heads, kv_heads, dim, slots, seq = 8, 2, 32, 5, 64
+    positions = torch.tensor([0, 7, 31, 63, 12])
+    angles = torch.rand(seq, dim // 2, generator=g) * 6.0
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    qkv = torch.randn(slots, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    ours = KVCache(1, slots + 2, kv_heads, seq, dim, dtype=dtype, device=DEVICE)
+    theirs = KVCache(1, slots + 2, kv_heads, seq, dim, dtype=dtype, device="cpu")
+    q = fused_ops.rope_and_cache(qkv.to(DEVICE), positions.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE),
+                                 ours.k[0], ours.v[0], heads, kv_heads).cpu()
+    # The eager path: split, rotate with cos/sin in the model dtype, write one position per slot.
+    q_ref, k_ref, v_ref = qkv.view(slots, 1, -1).split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    c, s = cos[positions][:, None, None].to(dtype), sin[positions][:, None, None].to(dtype)
+    q_ref = apply_rope(q_ref.view(slots, 1, heads, dim).transpose(1, 2), c, s)[:, :, 0]
+    k_ref = apply_rope(k_ref.view(slots, 1, kv_heads, dim).transpose(1, 2), c, s)
+    theirs.write_decode(0, positions, k_ref, v_ref.view(slots, 1, kv_heads, dim).transpose(1, 2))
+    assert torch.equal(q, q_ref)
+    assert torch.equal(ours.k.cpu(), theirs.k) and torch.equal(ours.v.cpu(), theirs.v)

@@ -39,11 +39,12 @@ if triton is not None:
 
     @triton.jit
     def _attend_block(q, k_base, v_base, stride_ks, stride_vs, start, length, d, d_ok, m_i, l_i, acc, qk_scale,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HAS_PAD: tl.constexpr):
         """One online-softmax update with keys/values at positions [start, start + BLOCK_N)."""
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < length
-        kv_mask = n_ok[:, None] & d_ok[None, :]
+        # Without padded lanes the mask is constant along D, which keeps the loads 16 bytes wide.
+        kv_mask = n_ok[:, None] & d_ok[None, :] if HAS_PAD else n_ok[:, None]
         k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
         # Scores in log2 units (qk_scale folds in log2(e)) so the softmax uses exp2.
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -86,18 +87,18 @@ if triton is not None:
         if INTERPRETED:
             for start in range(0, KV_LEN, BLOCK_N):
                 m_i, l_i, acc = _attend_block(q, k_base, v_base, stride_ks, stride_vs, start, length, d, d_ok, m_i,
-                                              l_i, acc, qk_scale, BLOCK_N, PRECISION)
+                                              l_i, acc, qk_scale, BLOCK_N, PRECISION, D_PAD != HEAD_DIM)
         else:
             for start in range(0, length, BLOCK_N):
                 m_i, l_i, acc = _attend_block(q, k_base, v_base, stride_ks, stride_vs, start, length, d, d_ok, m_i,
-                                              l_i, acc, qk_scale, BLOCK_N, PRECISION)
+                                              l_i, acc, qk_scale, BLOCK_N, PRECISION, D_PAD != HEAD_DIM)
         out = acc / l_i[:, None]
         tl.store(O + slot * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
                  mask=g_ok[:, None] & d_ok[None, :])
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
     """Attention of one query per slot over its first `lengths[b]` cached positions.
 
     q [B, H, D]; k, v [B, H_kv, W, D] (views of the cache window: any slot/head/position strides, unit

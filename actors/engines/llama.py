@@ -175,6 +175,7 @@ class ForwardContext:
     prefill_slots: torch.Tensor | None = None  # prefill: cache slot of each row, [B]
     kv_len: int = 0  # decode: attend over cache positions [0, kv_len)
     lengths: torch.Tensor | None = None  # decode with the Triton kernel: keys per slot (no mask needed)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # decode, fused rope + cache write: the cos/sin tables
 
     @classmethod
     def full(cls, lengths: torch.Tensor, seq_len: int) -> "ForwardContext":
@@ -192,10 +193,13 @@ class ForwardContext:
         return ctx
 
     @classmethod
-    def decode(cls, positions: torch.Tensor, cache: KVCache, kv_len: int, kernel: bool = False) -> "ForwardContext":
-        """One token per slot for slots [0, B); positions [B]. `kernel`: attend with the Triton decode kernel."""
+    def decode(cls, positions: torch.Tensor, cache: KVCache, kv_len: int, kernel: bool = False,
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> "ForwardContext":
+        """One token per slot for slots [0, B); positions [B]. `kernel`: attend with the Triton decode kernel;
+        `rope`: the cos/sin tables, to rotate and cache q/k/v in one fused kernel."""
         if kernel:
-            return cls(positions=positions[:, None], mask=None, cache=cache, kv_len=kv_len, lengths=positions + 1)
+            return cls(positions=positions[:, None], mask=None, cache=cache, kv_len=kv_len, lengths=positions + 1,
+                       rope=rope)
         return cls(positions=positions[:, None], mask=decode_mask(positions, kv_len), cache=cache, kv_len=kv_len)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,6 +245,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
+        if ctx.rope is not None:  # GPU decode: one kernel rotates q/k and caches k/v, one attends
+            q = fused_ops.rope_and_cache(self.wqkv(x)[:, 0], ctx.positions[:, 0], *ctx.rope, ctx.cache.k[self.layer],
+                                         ctx.cache.v[self.layer], self.num_heads, self.num_kv_heads)
+            k, v = ctx.cache.read(self.layer, b, ctx.kv_len)
+            out = decode_attention.decode_attention(q, k, v, ctx.lengths)
+            return self.wo(out.reshape(b, t, -1))
         q, k, v = self.wqkv(x).split(self.split, dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -326,8 +336,11 @@ class Transformer(nn.Module):
     def hidden_states(self, tokens: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """tokens [B, T] -> final-normed hidden states [B, T, hidden]."""
         x = self.embed_tokens(tokens)
-        cos = self.rope_cos[ctx.positions].unsqueeze(1).to(x.dtype)
-        sin = self.rope_sin[ctx.positions].unsqueeze(1).to(x.dtype)
+        if ctx.rope is None:
+            cos = self.rope_cos[ctx.positions].unsqueeze(1).to(x.dtype)
+            sin = self.rope_sin[ctx.positions].unsqueeze(1).to(x.dtype)
+        else:
+            cos = sin = None  # the fused kernel reads the tables itself
         if self.fused:
             pending = None
             for block in self.layers:
@@ -352,7 +365,10 @@ class Transformer(nn.Module):
                kernel: bool = False) -> torch.Tensor:
         """One token per slot for slots [0, B): tokens/positions [B] -> logits [B, V] in the model dtype
         (argmax needs no float32 copy of [B, V]; samplers upcast). `kernel`: Triton decode attention."""
-        hidden = self.hidden_states(tokens[:, None], ForwardContext.decode(positions, cache, kv_len, kernel))
+        # The fused rope kernel handles power-of-two head sizes (Triton block shapes); others rotate in torch.
+        pow2 = self.args.head_dim & (self.args.head_dim - 1) == 0
+        rope = (self.rope_cos, self.rope_sin) if kernel and self.fused and pow2 else None
+        hidden = self.hidden_states(tokens[:, None], ForwardContext.decode(positions, cache, kv_len, kernel, rope))
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden[:, 0], head)
 
