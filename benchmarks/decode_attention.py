@@ -103,7 +103,9 @@ def main():
     variants.update({f"engine kernel, int32 lengths, block {bn}, {w} warps, {st} stages":
                      (lambda k, v, bn=bn, w=w, st=st: decode_attention(q, k, v, lengths32, block_n=bn, num_warps=w,
                                                                        num_stages=st))
-                     for bn, w, st in [(64, 4, 3), (32, 4, 3), (128, 8, 3)]})
+                     for bn, w, st in [(64, 4, 3), (32, 4, 3)]})
+    variants.update({f"engine kernel, {sp} splits, block 64, 4 warps, 3 stages":
+                     (lambda k, v, sp=sp: decode_attention(q, k, v, lengths, splits=sp)) for sp in (2, 4)})
     variants.update({f"CUDA-core kernel, block {bn}, {w} warps":
                      (lambda k, v, bn=bn, w=w: fma_attention(q, k, v, lengths, block_n=bn, num_warps=w))
                      for bn, w in [(16, 4)]})

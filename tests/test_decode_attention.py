@@ -48,7 +48,7 @@ def reference(q, k, v, lengths):
     # bfloat16 on the GPU only: Triton's interpreter mishandles bfloat16 matrix products.
     pytest.param(torch.bfloat16, 32, 8, 64, marks=pytest.mark.gpu),
 ])
-def test_kernel_matches_float64_attention(interpreted, dtype, heads, kv_heads, head_dim):
+def test_kernel_matches_float64_attention(interpreted, dtype, heads, kv_heads, head_dim, splits=1):
     g = torch.Generator().manual_seed(heads * head_dim)
     slots, window = 7, 320
     # A cache with more slots than the batch and a wider window than any length: the kernel reads views.
@@ -62,7 +62,7 @@ def test_kernel_matches_float64_attention(interpreted, dtype, heads, kv_heads, h
     q = torch.randn(slots, heads, head_dim, generator=g).to(dtype)
     k, v = cache_k.to(DEVICE), cache_v.to(DEVICE)
     out = interpreted.decode_attention(q.to(DEVICE), k[:slots, :, :window], v[:slots, :, :window],
-                                       lengths.to(DEVICE)).cpu()
+                                       lengths.to(DEVICE), splits=splits).cpu()
     want = reference(q, cache_k[:slots], cache_v[:slots], lengths)
     assert out.dtype == dtype and out.shape == q.shape
     assert not out.isnan().any()
@@ -71,11 +71,18 @@ def test_kernel_matches_float64_attention(interpreted, dtype, heads, kv_heads, h
     assert error < tolerance, error
 
 
+def test_split_context_kernel_matches_float64_attention(interpreted):
+    """Four programs per slot and KV head, merged: shares of the short contexts are empty (weight 0)."""
+    test_kernel_matches_float64_attention(interpreted, torch.float32, 8, 2, 64, splits=4)
+
+
 def test_kernel_rejects_bad_head_counts(interpreted):
     q = torch.randn(2, 6, 64, device=DEVICE)
     kv = torch.randn(2, 4, 256, 64, device=DEVICE)
     with pytest.raises(ValueError, match="not a multiple"):
         interpreted.decode_attention(q, kv, kv, torch.tensor([3, 4], device=DEVICE))
+    with pytest.raises(ValueError, match="power of two"):
+        interpreted.decode_attention(q[:, :4], kv, kv, torch.tensor([3, 4], device=DEVICE), splits=3)
 
 
 def test_engine_with_kernel_generates_the_sdpa_tokens(interpreted, tmp_path):
