@@ -170,5 +170,9 @@ def test_fused_rope_and_cache_write_match_the_eager_path(interpreted, dtype):
     q_ref = apply_rope(q_ref.view(slots, 1, heads, dim).transpose(1, 2), c, s)[:, :, 0]
     k_ref = apply_rope(k_ref.view(slots, 1, kv_heads, dim).transpose(1, 2), c, s)
     theirs.write_decode(0, positions, k_ref, v_ref.view(slots, 1, kv_heads, dim).transpose(1, 2))
-    assert torch.equal(q, q_ref)
-    assert torch.equal(ours.k.cpu(), theirs.k) and torch.equal(ours.v.cpu(), theirs.v)
+    # The same rounding points as eager; a GPU may contract a product and a sum into one fused multiply-add
+    # (float32), so allow one unit of rounding. Values are copied exactly.
+    ulp = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(q, q_ref, rtol=ulp, atol=ulp)
+    torch.testing.assert_close(ours.k.cpu(), theirs.k, rtol=ulp, atol=ulp)
+    assert torch.equal(ours.v.cpu(), theirs.v)

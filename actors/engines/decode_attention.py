@@ -35,6 +35,20 @@ def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
+def splits_for(programs: int, device: torch.device) -> int:
+    """Context splits so that (slots x KV heads x splits) gives each multiprocessor ~4 programs. Measured on
+    an H200 at 256 slots x 8 KV heads (2048 programs), splitting was slower (2: 33%, 4: 23% of the copy
+    bandwidth against 41% unsplit), so it only serves few slots, where one program per slot and head would
+    leave most of the GPU idle."""
+    if device.type != "cuda":
+        return 1
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = 1
+    while splits < 8 and programs * splits < target:
+        splits *= 2
+    return splits
+
+
 if triton is not None:
 
     @triton.jit

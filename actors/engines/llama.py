@@ -176,6 +176,7 @@ class ForwardContext:
     kv_len: int = 0  # decode: attend over cache positions [0, kv_len)
     lengths: torch.Tensor | None = None  # decode with the Triton kernel: keys per slot (no mask needed)
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # decode, fused rope + cache write: the cos/sin tables
+    splits: int = 1  # decode with the Triton kernel: programs per slot and KV head (decode_attention.splits_for)
 
     @classmethod
     def full(cls, lengths: torch.Tensor, seq_len: int) -> "ForwardContext":
@@ -198,8 +199,9 @@ class ForwardContext:
         """One token per slot for slots [0, B); positions [B]. `kernel`: attend with the Triton decode kernel;
         `rope`: the cos/sin tables, to rotate and cache q/k/v in one fused kernel."""
         if kernel:
+            splits = decode_attention.splits_for(positions.shape[0] * cache.k.shape[2], positions.device)
             return cls(positions=positions[:, None], mask=None, cache=cache, kv_len=kv_len, lengths=positions + 1,
-                       rope=rope)
+                       rope=rope, splits=splits)
         return cls(positions=positions[:, None], mask=decode_mask(positions, kv_len), cache=cache, kv_len=kv_len)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,7 +251,7 @@ class Attention(nn.Module):
             q = fused_ops.rope_and_cache(self.wqkv(x)[:, 0], ctx.positions[:, 0], *ctx.rope, ctx.cache.k[self.layer],
                                          ctx.cache.v[self.layer], self.num_heads, self.num_kv_heads)
             k, v = ctx.cache.read(self.layer, b, ctx.kv_len)
-            out = decode_attention.decode_attention(q, k, v, ctx.lengths)
+            out = decode_attention.decode_attention(q, k, v, ctx.lengths, splits=ctx.splits)
             return self.wo(out.reshape(b, t, -1))
         q, k, v = self.wqkv(x).split(self.split, dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -258,7 +260,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = ctx.keys_values(self.layer, k, v)
         if ctx.lengths is not None:
-            out = decode_attention.decode_attention(q[:, :, 0], k, v, ctx.lengths)[:, :, None]
+            out = decode_attention.decode_attention(q[:, :, 0], k, v, ctx.lengths, splits=ctx.splits)[:, :, None]
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
