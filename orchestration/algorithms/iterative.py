@@ -255,7 +255,8 @@ class IterativeAlgorithm:
             waitables = (pipeline.pending() if not self._steps_exhausted() and not stopping else []) + training
             if not waitables and in_training is None:
                 break
-            ready = self.pools.wait(waitables)
+            # A step that has already finished is collected at once, not after the pipeline's next event.
+            ready = self.pools.wait(waitables, timeout_s=0.0 if in_training and not training else 1.0)
             try:
                 pipeline.advance(ready)
             except ReplicaFailed as e:  # finish the step in flight, checkpoint, then stop
