@@ -122,7 +122,8 @@ def hardware(device: str) -> str:
 
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
     if device != "cuda":
-        return f"hardware: CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; {versions}"
+        cpu = platform.processor() or platform.machine()
+        return f"hardware: CPU {cpu}, {torch.get_num_threads()} threads; {versions}"
     p = torch.cuda.get_device_properties(0)
     return (f"hardware: {torch.cuda.device_count()} x {p.name}, {p.total_memory / 2**30:.0f} GiB, "
             f"{p.multi_processor_count} SMs, compute capability {p.major}.{p.minor}; {versions}, "
@@ -194,8 +195,8 @@ def main() -> None:
 
     print(f"\nDPO step, {args.prompt} prompt + {args.response} response tokens per sequence, chosen + rejected; "
           f"matmul ceiling {ceiling / 1e12:.1f} TFLOP/s; MFU against {H200_BF16_DENSE / 1e12:.0f} TFLOP/s")
-    head = (f"| {'precision':<9} | {'micro':>5} | {'pairs':>5} | {'tokens/step':>11} | {'step ms':>8} | {'spread':>6} | "
-            f"{'tokens/s':>9} | {'TFLOP/s':>7} | {'MFU':>6} | {'MFU 6NT':>7} | {'of matmul':>9} | {'peak GiB':>8} |")
+    head = (f"| {'precision':<9} | {'micro':>5} | {'pairs':>5} | {'tokens/step':>11} | {'step ms':>8} | "
+            f"{'spread':>6} | {'tokens/s':>9} | {'TFLOP/s':>7} | {'MFU':>6} | {'MFU 6NT':>7} | {'of matmul':>9} | {'peak GiB':>8} |")
     print(head)
     print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
     for dtype, mb, pairs, tokens, times, flops, flops_6nt, peak in rows:
@@ -204,8 +205,9 @@ def main() -> None:
         rate = flops / t
         mfu = f"{rate / H200_BF16_DENSE:6.1%}" if device == "cuda" else f"{'-':>6}"
         mfu_6nt = f"{flops_6nt / t / H200_BF16_DENSE:7.1%}" if device == "cuda" else f"{'-':>7}"
+        peak_gib = "-" if peak is None else f"{peak:.1f}"
         print(f"| {dtype:<9} | {mb:>5} | {pairs:>5} | {tokens:>11,} | {t * 1e3:8.1f} | {spread:6.1%} | "
-              f"{tokens / t:9,.0f} | {rate / 1e12:7.1f} | {mfu} | {mfu_6nt} | {rate / ceiling:9.1%} | {'-' if peak is None else f'{peak:.1f}':>8} |")
+              f"{tokens / t:9,.0f} | {rate / 1e12:7.1f} | {mfu} | {mfu_6nt} | {rate / ceiling:9.1%} | {peak_gib:>8} |")
 
 
 if __name__ == "__main__":

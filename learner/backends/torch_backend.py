@@ -169,13 +169,15 @@ class TorchBackend:
         batch = _collate(prompts, responses, self.device)
         token_logp = _token_logprobs(self.model, batch)
         n = len(chunk)
-        stats = torch.zeros(len(_STATS), dtype=torch.float64, device=self.device)
-        stats[0] = n
+        total_of = lambda t: t.detach().sum().to(torch.float64)  # noqa: E731
+        # Built from device tensors (never a Python number written into a CUDA tensor: that copy would block).
+        stats = {"pairs": torch.full((), n, dtype=torch.float64, device=self.device),
+                 "chosen_len": total_of(batch["mask"][:n])}
         sft_avg = losses.reduce_sequence(token_logp[:n], batch["mask"][:n], cfg.sft_average_log_probs)
         sft = losses.sft_loss(sft_avg)
+        stats["sft_loss"] = total_of(sft)
         if not preference:
             total = sft
-            stats[3] = sft.detach().sum()
         else:
             # Chosen and rejected ran as one batch above; the reference runs the same batch.
             with torch.no_grad():
@@ -189,14 +191,13 @@ class TorchBackend:
                                           cfg.gt_reward_scale)
             total = cfg.preference_loss_weight * pref + cfg.sft_loss_weight * sft
             r_c, r_r = (cfg.beta * l_chosen).detach(), (cfg.beta * l_rejected).detach()
-            stats[2] = pref.detach().sum()
-            stats[3] = sft.detach().sum()
-            stats[4] = (l_chosen > l_rejected).sum()
-            stats[5], stats[6] = r_c.sum(), r_r.sum()
-            stats[7] = (r_c.square().sum() + r_r.square().sum())
-            stats[9] = batch["mask"][n:].sum()
-        stats[8] = batch["mask"][:n].sum()
-        stats[1] = total.detach().sum()
+            stats.update(preference_loss=total_of(pref), acc=total_of(l_chosen > l_rejected),
+                         r_chosen=total_of(r_c), r_rejected=total_of(r_r),
+                         r_sq=total_of(r_c.square().sum() + r_r.square().sum()),
+                         reject_len=total_of(batch["mask"][n:]))
+        stats["loss"] = total_of(total)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        stats = torch.stack([stats.get(k, zero) for k in _STATS])
         return total.sum(), stats
 
     def _clip_gradients(self) -> torch.Tensor:
