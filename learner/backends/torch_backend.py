@@ -1,9 +1,21 @@
 """The `torch` learner backend: a transformers causal LM, data parallel, AdamW.
 
 One instance per data-parallel rank. With world_size > 1 the caller has already joined the
-torch.distributed group (gloo on CPU); the model is wrapped in DDP and per-step metrics are summed over
-ranks, so every rank returns the same numbers. Works with world_size == 1 and no process group too
-(the toy bootstrap trains this way in-process).
+torch.distributed group (gloo on CPU, NCCL on GPUs); per-step metrics are summed over ranks, so every rank
+returns the same numbers. Works with world_size == 1 and no process group too (the toy bootstrap trains this
+way in-process).
+
+Precision (`dtype`, the config's `learner.dtype`):
+- float32: weights, gradients and AdamW state in float32; forward and backward in float32 (the CPU default,
+  unchanged). Data parallel through DDP.
+- bfloat16: mixed precision. The model holds bfloat16 weights and runs forward and backward in bfloat16 (as
+  FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16) and Megatron's bf16 do); a float32 master copy of every
+  weight takes the gradients (accumulated over micro-batches in float32, all-reduced in float32), the clipping
+  and the AdamW step, and is rounded back into the model once per step. Checkpoints hold the float32 master
+  weights; exported (refit) weights are the bfloat16 ones the model computes with. The reference model is a
+  bfloat16 copy, so policy and reference give identical log-probs at an iteration's start.
+- float16 is refused: without loss scaling its gradients underflow.
+Log-probs are reduced in float32 in every mode (losses.token_logprobs).
 """
 
 from __future__ import annotations
@@ -18,7 +30,10 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging as hf_logging
 
 from .. import losses
@@ -31,11 +46,41 @@ _STATS = ("pairs", "loss", "preference_loss", "sft_loss", "acc", "r_chosen", "r_
           "chosen_len", "reject_len")
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
+DTYPES = ("float32", "bfloat16")
+# Architectures whose logits are exactly lm_head(final hidden state) (no scaling or soft-capping in the
+# CausalLM head): for these the head runs only on the positions whose log-prob the loss uses.
+_PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+# RMSNorms computing weight * (x * rsqrt(mean(x^2) + eps)): on CUDA they run as one fused kernel.
+_PLAIN_RMSNORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# Architectures whose attention is exactly causal (no sliding window): they run _causal_sdpa.
+_CAUSAL_ATTENTION_MODELS = frozenset({"llama"})
+_CAUSAL_SDPA = "selfreward_causal_sdpa"
+
+
+def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention with the causal mask alone. The learner's batches are right-padded, so under
+    the causal mask no real token attends to a pad: no padding mask is needed, SDPA runs its flash kernel with
+    grouped KV heads, and, registered under its own name, transformers builds no mask at all (its mask
+    preparation reads a device value on the host, a sync per forward)."""
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+AttentionInterface.register(_CAUSAL_SDPA, _causal_sdpa)
+
+# SDPA kernels in order of preference on CUDA. Flash first: policy (training) and reference (no-grad) forwards then
+# run the same kernel and give bit-identical log-probs at an iteration's start; cuDNN, which torch may prefer on
+# Hopper, need not round its training and inference forwards alike.
+_SDPA_PRIORITY = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                  SDPBackend.MATH]
 
 
 class TorchBackend:
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
                  rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None):
+        if dtype not in DTYPES:
+            hint = " (float16 would need loss scaling; bfloat16 is as fast)" if dtype == "float16" else ""
+            raise ValueError(f"learner.dtype={dtype!r} is not supported by the torch learner{hint}; "
+                             f"use one of {', '.join(DTYPES)}")
         torch.manual_seed(seed)
         hf_logging.disable_progress_bar()  # per-load bars from every worker would drown the step lines
         self.model_dir = model_dir
@@ -45,97 +90,125 @@ class TorchBackend:
         self.optim_cfg = optim
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(self.device)
+        self.dtype = getattr(torch, dtype)
+        model = self._load(model_dir, torch.float32)
+        # Mixed precision: the model's weights become bf16 views of one flat buffer, the masters stay float32.
+        self.master = _MasterWeights(model, self.dtype) if self.dtype != torch.float32 else None
         self.module = model  # unwrapped: HF names, saving, export
-        self.model = model
-        if world_size > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(model)
         if reference_dir is None:
             self.reference = self._frozen_copy(model)
         else:  # resuming mid-iteration: the reference is the iteration-start weights, not the policy's
-            reference = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=getattr(torch, dtype))
-            self.reference = self._frozen_copy(reference.to(self.device))
+            self.reference = self._frozen_copy(self._load(reference_dir, self.dtype))
+        if self.master is not None:
+            self.master.track_gradients()  # after the reference copy, which must not carry the hooks
+        self.policy = _ResponseLogprobs(model)
+        self.reference_logprobs = _ResponseLogprobs(self.reference)
+        self.model = self.policy  # what train_step runs: DDP's wrapper when it reduces the gradients
+        if world_size > 1 and self.master is None:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.policy)
         self.optimizer = self._new_optimizer()
         self.step = 0  # optimizer steps taken since the optimizer was (re)created
+
+    def _load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        causal = AutoConfig.from_pretrained(path).model_type in _CAUSAL_ATTENTION_MODELS
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                     attn_implementation=_CAUSAL_SDPA if causal else "sdpa")
+        model = model.to(self.device)
+        if self.device.type == "cuda":
+            _fuse_rms_norms(model)
+        return model
 
     # ---- training -------------------------------------------------------------------------------------
 
     def train_step(self, samples: Sequence[TrainSample], loss_cfg: LossConfig) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch; metrics are global."""
+        sums, grad_norm, lr, preference = self._step(samples, loss_cfg)
+        values = torch.cat([sums, grad_norm.reshape(1).to(sums.dtype)]).tolist()  # the step's one host sync
+        return self._metrics(values[:-1], lr, values[-1], preference, loss_cfg.beta)
+
+    def _step(self, samples: Sequence[TrainSample], loss_cfg: LossConfig):
+        """The step's device work, queued without waiting on the device: (stat sums, grad norm) stay tensors."""
         if not samples:
             raise ValueError("train_step got no samples")
         preference = samples[0].rejected_ids is not None
         if any((s.rejected_ids is not None) != preference for s in samples):
             raise ValueError("a batch must be all preference pairs or all SFT samples")
         self.model.train()
+        if self.master is not None:
+            self.master.zero_grad()
         mb = self.optim_cfg.micro_batch_size
         chunks = [samples[i : i + mb] for i in range(0, len(samples), mb)]
-        sums = torch.zeros(len(_STATS), dtype=torch.float64)
+        sums = torch.zeros(len(_STATS), dtype=torch.float64, device=self.device)
+        ddp = self.model is not self.policy
         for j, chunk in enumerate(chunks):
             sync_now = j == len(chunks) - 1
-            ctx = self.model.no_sync() if (self.world_size > 1 and not sync_now) else contextlib.nullcontext()
+            ctx = self.model.no_sync() if (ddp and not sync_now) else contextlib.nullcontext()
             with ctx:
                 loss_sum, stats = self._micro_step(chunk, loss_cfg, preference)
-                # Divide by the local pair count: DDP then averages over equal shards -> global mean.
+                # Divide by the local pair count: averaging over equal shards then gives the global mean.
                 (loss_sum / len(samples)).backward()
             sums += stats
+        if self.master is not None and self.world_size > 1:
+            self.master.all_reduce_mean_gradients()
         lr = lr_at(self.step, self.optim_cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         grad_norm = self._clip_gradients()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.master is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.master.copy_to_model()
         self.step += 1
         self._all_reduce(sums)
-        return self._metrics(sums, lr, grad_norm, preference, loss_cfg.beta)
+        return sums, grad_norm, lr, preference
 
     def _micro_step(self, chunk: Sequence[TrainSample], cfg: LossConfig, preference: bool):
         responses = [s.chosen_ids for s in chunk] + ([s.rejected_ids for s in chunk] if preference else [])
         prompts = [s.prompt_ids for s in chunk] * (2 if preference else 1)
         batch = _collate(prompts, responses, self.device)
-        token_logp = self._token_logprobs(self.model, batch)
+        token_logp = _token_logprobs(self.model, batch)
         n = len(chunk)
-        stats = torch.zeros(len(_STATS), dtype=torch.float64)
-        stats[0] = n
+        total_of = lambda t: t.detach().sum().to(torch.float64)  # noqa: E731
+        # Built from device tensors (never a Python number written into a CUDA tensor: that copy would block).
+        stats = {"pairs": torch.full((), n, dtype=torch.float64, device=self.device),
+                 "chosen_len": total_of(batch["mask"][:n])}
         sft_avg = losses.reduce_sequence(token_logp[:n], batch["mask"][:n], cfg.sft_average_log_probs)
         sft = losses.sft_loss(sft_avg)
+        stats["sft_loss"] = total_of(sft)
         if not preference:
             total = sft
-            stats[3] = sft.detach().sum()
         else:
+            # Chosen and rejected ran as one batch above; the reference runs the same batch.
             with torch.no_grad():
-                ref_logp = self._token_logprobs(self.reference, batch)
+                ref_logp = _token_logprobs(self.reference_logprobs, batch)
             ratio = losses.reduce_sequence(token_logp - ref_logp, batch["mask"], cfg.preference_average_log_probs)
             l_chosen, l_rejected = ratio[:n], ratio[n:]
             gap = None
             if all(s.chosen_score is not None and s.rejected_score is not None for s in chunk):
-                gap = torch.tensor([s.chosen_score - s.rejected_score for s in chunk], device=self.device)
+                gap = _to_device(torch.tensor([s.chosen_score - s.rejected_score for s in chunk]), self.device)
             pref = losses.preference_loss(cfg.preference_loss, l_chosen - l_rejected, cfg.beta, gap,
                                           cfg.gt_reward_scale)
             total = cfg.preference_loss_weight * pref + cfg.sft_loss_weight * sft
             r_c, r_r = (cfg.beta * l_chosen).detach(), (cfg.beta * l_rejected).detach()
-            stats[2] = pref.detach().sum()
-            stats[3] = sft.detach().sum()
-            stats[4] = (l_chosen > l_rejected).sum()
-            stats[5], stats[6] = r_c.sum(), r_r.sum()
-            stats[7] = (r_c.square().sum() + r_r.square().sum())
-            stats[9] = batch["mask"][n:].sum()
-        stats[8] = batch["mask"][:n].sum()
-        stats[1] = total.detach().sum()
+            stats.update(preference_loss=total_of(pref), acc=total_of(l_chosen > l_rejected),
+                         r_chosen=total_of(r_c), r_rejected=total_of(r_r),
+                         r_sq=total_of(r_c.square().sum() + r_r.square().sum()),
+                         reject_len=total_of(batch["mask"][n:]))
+        stats["loss"] = total_of(total)
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        stats = torch.stack([stats.get(k, zero) for k in _STATS])
         return total.sum(), stats
 
-    @staticmethod
-    def _token_logprobs(model, batch) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return losses.sequence_logprobs(logits[:, :-1], batch["input_ids"][:, 1:], batch["mask"])
-
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
+        max_norm = self.optim_cfg.max_grad_norm
+        if self.master is not None:
+            return self.master.clip_gradients(max_norm)
         params = [p for p in self.module.parameters() if p.grad is not None]
-        max_norm = self.optim_cfg.max_grad_norm if self.optim_cfg.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
 
-    def _metrics(self, sums: torch.Tensor, lr: float, grad_norm: float, preference: bool, beta: float):
-        s = dict(zip(_STATS, sums.tolist()))
+    def _metrics(self, sums: list[float], lr: float, grad_norm: float, preference: bool, beta: float):
+        s = dict(zip(_STATS, sums))
         n = s["pairs"]
         out = {"loss": s["loss"] / n, "sft_loss": s["sft_loss"] / n, "grad_norm": grad_norm, "lr": lr,
                "chosen_lengths": s["chosen_len"] / n, "global_batch_pairs": n}
@@ -157,30 +230,29 @@ class TorchBackend:
     @torch.no_grad()
     def sft_nll(self, samples: Sequence[TrainSample]) -> tuple[float, float]:
         """(sum of token NLL, token count) of the chosen responses over all ranks' shares."""
-        self.model.eval()
-        sums = torch.zeros(2, dtype=torch.float64)
+        self.policy.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         mb = max(1, self.optim_cfg.micro_batch_size)
         for i in range(0, len(samples), mb):
             chunk = samples[i : i + mb]
             batch = _collate([s.prompt_ids for s in chunk], [s.chosen_ids for s in chunk], self.device)
-            token_logp = self._token_logprobs(self.module, batch)
+            token_logp = _token_logprobs(self.policy, batch)
             sums[0] -= token_logp.sum().double()
             sums[1] += batch["mask"].sum().double()
         self._all_reduce(sums)
-        return float(sums[0]), float(sums[1])
+        total, count = sums.tolist()
+        return total, count
 
     @torch.no_grad()
     def logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                  reference: bool = False) -> list[list[float]]:
         """Per-token log-probs of each response given its prompt, under the policy or the reference."""
-        model = self.reference if reference else self.module
-        model.eval()
+        runner = self.reference_logprobs if reference else self.policy
+        runner.eval()
         batch = _collate(prompts, responses, self.device)
-        token_logp = self._token_logprobs(model, batch)
-        out = []
-        for row, mask in zip(token_logp, batch["mask"]):
-            out.append(row[mask.bool()].tolist())
-        return out
+        token_logp = _token_logprobs(runner, batch).cpu()
+        mask = batch["mask"].cpu()
+        return [row[m.bool()].tolist() for row, m in zip(token_logp, mask)]
 
     # ---- iteration boundaries ------------------------------------------------------------------------
 
@@ -195,7 +267,8 @@ class TorchBackend:
     # ---- weights out -----------------------------------------------------------------------------------
 
     def named_weights(self):
-        """Parameters under Hugging Face names; a tied lm_head is left out (it is the embedding)."""
+        """Parameters under Hugging Face names, as the model computes with them (bfloat16 in mixed precision);
+        a tied lm_head is left out (it is the embedding)."""
         tied = getattr(self.module.config, "tie_word_embeddings", False)
         for name, tensor in self.module.state_dict().items():
             if tied and name == "lm_head.weight":
@@ -214,13 +287,18 @@ class TorchBackend:
 
     def save(self, path: str, rng_states: list[dict] | None = None) -> None:
         """Write a Hugging Face checkpoint directory plus optimizer, schedule and RNG state, atomically
-        (rank 0 only; `rng_states` holds every rank's)."""
+        (rank 0 only; `rng_states` holds every rank's). In mixed precision the weights written are the float32
+        masters, so a resumed run continues from exactly the weights the optimizer holds."""
         if self.rank != 0:
             return
         final = Path(path)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.module.save_pretrained(tmp, safe_serialization=True)
+        if self.master is None:
+            self.module.save_pretrained(tmp, safe_serialization=True)
+        else:
+            self.module.save_pretrained(tmp, safe_serialization=True, state_dict=self.master.state_dict(self.module))
+            _set_config_dtype(tmp, "float32")  # save_pretrained records the model's (bf16) dtype
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp)
         torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / OPTIMIZER_FILE)
@@ -248,8 +326,11 @@ class TorchBackend:
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         c = self.optim_cfg
-        return torch.optim.AdamW(self.module.parameters(), lr=c.lr, betas=c.betas, eps=c.eps,
-                                 weight_decay=c.weight_decay)
+        params = self.master.params if self.master is not None else self.module.parameters()
+        # One fused kernel over all weights on CUDA; the CPU keeps the default implementation.
+        fused = True if self.device.type == "cuda" else None
+        return torch.optim.AdamW(params, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
+                                 fused=fused)
 
     @staticmethod
     def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -263,19 +344,152 @@ class TorchBackend:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def _collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], device) -> dict:
-    """Right-padded prompt+response batch; mask marks the positions whose NEXT token is a response token.
+class _MasterWeights:
+    """float32 master weights and gradients behind a model that computes in a lower precision.
 
-    The mask is aligned with labels = input_ids[:, 1:], i.e. mask[b, t] == 1 when input_ids[b, t+1] is
-    part of the response.
+    The model's parameters are re-pointed at one flat low-precision buffer, and the masters are views of one
+    flat float32 buffer (one all-reduce, one norm, one copy back per step). As soon as autograd has
+    accumulated a parameter's gradient for a micro-batch, a hook adds it into the float32 gradient and frees
+    it, so micro-batches sum in float32.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        self.model_params = list(model.parameters())  # tied weights appear once
+        self.flat = torch.cat([p.detach().reshape(-1).float() for p in self.model_params])
+        self.flat_grad = torch.zeros_like(self.flat)
+        self.flat_model = self.flat.to(dtype)
+        self.params: list[torch.nn.Parameter] = []
+        offset = 0
+        for p in self.model_params:
+            n = p.numel()
+            master = torch.nn.Parameter(self.flat[offset : offset + n].view_as(p))
+            master.grad = self.flat_grad[offset : offset + n].view_as(p)
+            p.data = self.flat_model[offset : offset + n].view_as(p)
+            self.params.append(master)
+            offset += n
+
+    def track_gradients(self) -> None:
+        for p, master in zip(self.model_params, self.params):
+            p.register_post_accumulate_grad_hook(_AccumulateInto(master.grad))
+
+    def zero_grad(self) -> None:
+        self.flat_grad.zero_()
+
+    def all_reduce_mean_gradients(self) -> None:
+        dist.all_reduce(self.flat_grad, op=dist.ReduceOp.SUM)
+        self.flat_grad.div_(dist.get_world_size())
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Total gradient norm; with max_norm > 0 the gradients are scaled to at most that (as clip_grad_norm_)."""
+        norm = torch.linalg.vector_norm(self.flat_grad)
+        if max_norm > 0:
+            self.flat_grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
+
+    def copy_to_model(self) -> None:
+        self.flat_model.copy_(self.flat)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with float32 master weights (on the CPU, one tensor per weight; tied names
+        share one tensor so that save_pretrained writes it once)."""
+        master_of = {id(p): m for p, m in zip(self.model_params, self.params)}
+        out, copies = {}, {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) not in copies:
+                source = master_of.get(id(tensor), tensor)
+                copies[id(tensor)] = source.detach().cpu().clone()
+            out[name] = copies[id(tensor)]
+        return out
+
+
+class _AccumulateInto:
+    """Post-accumulate-grad hook: add the parameter's low-precision gradient into its float32 master gradient."""
+
+    def __init__(self, master_grad: torch.Tensor):
+        self.master_grad = master_grad
+
+    def __call__(self, param: torch.Tensor) -> None:
+        self.master_grad.add_(param.grad)
+        param.grad = None
+
+
+class _ResponseLogprobs(torch.nn.Module):
+    """log p(label) at a batch's response positions under a causal LM: the forward the learner runs (and the
+    module DDP wraps, so that its forward is the whole computation)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.split_head = getattr(lm.config, "model_type", None) in _PLAIN_HEAD_MODELS
+
+    def forward(self, input_ids: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # No attention mask: the batch is right-padded, so under the causal mask no real token sees a pad.
+        attention = sdpa_kernel(_SDPA_PRIORITY, set_priority=True) if input_ids.is_cuda else contextlib.nullcontext()
+        with attention:
+            if self.split_head:  # the head only on the rows the loss uses (prompt positions are skipped)
+                hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+                logits = self.lm.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, rows))
+            else:
+                logits = self.lm(input_ids=input_ids, use_cache=False).logits.flatten(0, 1).index_select(0, rows)
+        return losses.token_logprobs(logits, labels)
+
+
+def _token_logprobs(runner: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """[B, T-1] log-probs aligned with batch["mask"] (zero off the response)."""
+    values = runner(batch["input_ids"], batch["rows"], batch["labels"])
+    mask = batch["mask"]
+    return values.new_zeros(mask.numel()).index_copy(0, batch["index"], values).view_as(mask)
+
+
+def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+
+
+def _fuse_rms_norms(model: torch.nn.Module) -> None:
+    """Run the model's Llama-style RMSNorms as torch's fused kernel (one pass forward, one backward, instead of
+    about seven elementwise kernels). Differs from transformers' version only in rounding: the weight is applied
+    before the result is rounded to bf16 instead of after."""
+    for module in model.modules():
+        if type(module).__name__ in _PLAIN_RMSNORMS:
+            module.forward = _fused_rms_norm_forward.__get__(module)
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = dtype
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting for the device's queue (pinned memory, asynchronous copy)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], device) -> dict:
+    """Right-padded prompt+response batch and the positions the loss reads.
+
+    mask [B, W-1] is aligned with labels = input_ids[:, 1:]: mask[b, t] == 1 when input_ids[b, t+1] is part of
+    the response. rows (into the flattened [B*W] positions) and labels list those positions and their next
+    tokens; index places them in the flattened [B*(W-1)] mask.
     """
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
     width = max(len(s) for s in seqs)
     input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width - 1, dtype=torch.float32)
+    rows, index = [], []
     for b, (p, s) in enumerate(zip(prompts, seqs)):
+        if not p:
+            raise ValueError("a sample has an empty prompt: the first response token needs a token to be "
+                             "predicted from (add a BOS token or a chat template)")
         input_ids[b, : len(s)] = torch.tensor(s)
-        attention[b, : len(s)] = 1
         mask[b, len(p) - 1 : len(s) - 1] = 1.0
-    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "mask": mask.to(device)}
+        positions = torch.arange(len(p) - 1, len(s) - 1)
+        rows.append(b * width + positions)
+        index.append(b * (width - 1) + positions)
+    rows_t, index_t = torch.cat(rows), torch.cat(index)
+    labels = input_ids.view(-1)[rows_t + 1]
+    host = {"input_ids": input_ids, "mask": mask, "rows": rows_t, "labels": labels, "index": index_t}
+    return {k: _to_device(v, torch.device(device)) for k, v in host.items()}
