@@ -39,9 +39,10 @@ TOY_TEST_OVERRIDES = ["model.toy.train_prompts=96", "model.toy.val_prompts=32", 
 def ray_session():
     """One local Ray cluster for every test that needs one (start-up costs seconds)."""
     import ray
+    import torch
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=4, num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -160,11 +160,11 @@ def test_a_restarted_replica_is_restored_from_a_peer_and_the_group_rebuilt(ray_s
     assert collective.generation == 2
     assert _digests(gens) == [group.weight_digest()] * 2 and _versions(gens) == [2, 2]
 
-    # Replica 0 dies while idle (nobody calls it): the next refit finds it, counts it, and refits it too.
+    # Replica 0 dies while idle (nobody calls it): the next refit finds it out of the group and refits it too.
     _kill_and_wait(gens.actors[0])
     ray.get(group.train_step_async(BATCH[:2], LossConfig(beta=0.5)))
     refit(pools, version=3, bucket_bytes=2048)
-    assert collective.generation == 3 and gens.restarts == [1, 1]
+    assert collective.generation == 3
     assert _digests(gens) == [group.weight_digest()] * 2 and _versions(gens) == [3, 3]
     _shutdown(group, gens)
 
