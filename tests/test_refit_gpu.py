@@ -26,7 +26,7 @@ from orchestration.refit import refit, use_collective
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")]
 
-BUCKET_BYTES = 1 << 20  # ~40 buckets of a ~40 MB model: both buffers alternate many times
+BUCKET_BYTES = 1 << 20  # ~25 buckets of the 24 MB sent: both buffers alternate many times
 BATCH = [TrainSample([2, 3, 4], [5, 6], [7, 8]), TrainSample([9], [10, 11], [12])]
 REQUEST = [GenerationRequest([2, 3, 4], SamplingParams(temperature=0, max_new_tokens=4))]
 
