@@ -71,7 +71,7 @@ class RefitReceiver:
             raise ValueError(f"the nccl refit transport needs engines on GPUs; this one is on {device}")
         where = device if self.backend == "nccl" else torch.device("cpu")
         largest = max(int(entry["nbytes"]) for entry in layout)
-        self.layout = list(layout)
+        self.layout, self.buffers = list(layout), []
         self.buffers = [torch.empty(largest, dtype=torch.uint8, device=where) for _ in range(min(2, len(layout)))]
         self.stream = torch.cuda.Stream(device=where) if where.type == "cuda" else None
 

@@ -163,6 +163,7 @@ def end_to_end(model_dir: str, bucket_sizes: list[int], backend: str, cpu: bool,
     spec = EngineSpec(model_dir=model_dir, device="cpu" if cpu else "cuda", dtype="bfloat16", max_batch_size=8,
                       max_seq_len=256)
     engine = engine_actor(GeneratorActor, num_cpus=1, num_gpus=gpus).remote(spec)
+    ray.get(engine.weight_version.remote())  # loaded, as start_pools waits for it
     pools = Pools(EnginePool("generator", [engine], 0, log=log), EnginePool("judge", [], 0), learner)
     t0 = time.perf_counter()
     use_collective(pools, backend, bucket_sizes[0])

@@ -77,7 +77,7 @@ class RefitSource:
         """Compute the layout (sent to every engine) and allocate the two send buffers."""
         if self.group is None:
             raise RuntimeError("set_layout before joining a refit group")
-        self.layout = bucket_layout(named, bucket_bytes, dtype)
+        self.layout, self.buffers = bucket_layout(named, bucket_bytes, dtype), []
         where = device if self.backend == "nccl" else torch.device("cpu")
         largest = max(entry["nbytes"] for entry in self.layout)
         self.buffers = [torch.zeros(largest, dtype=torch.uint8, device=where)

@@ -11,8 +11,8 @@ Two transports (`cluster.refit_transport`, docs/refit.md):
   into the engines' (learner/refit_source.py, actors/refit_receiver.py).
 
 A replica that Ray restarts is in no group. Before each refit every replica reports the group generation it
-is in; any mismatch (a restart, a failed refit, a new bucket size) rebuilds the group everywhere under a
-new generation, which keys its rendezvous apart from the old one. The restarted replica itself gets the
+is in; a mismatch (a restart) or a failed refit rebuilds the group everywhere under a new generation, which
+keys its rendezvous apart from the old one (a new bucket size only lays the buckets out again). The restarted replica itself gets the
 current version at once, without the learner (which may have trained further): a healthy replica serving
 that version exports its weights through the object store and the restarted one loads them; with no such
 peer the run stops with ReplicaFailed (and resumes from its last checkpoint).
@@ -45,6 +45,8 @@ def use_collective(pools: Pools, backend: str, bucket_bytes: int = BUCKET_BYTES)
     collective = CollectiveRefit(pools, backend)
     collective.build(bucket_bytes)
     pools.collective = collective
+    for pool in pools.engine_pools:
+        pool.restore = collective.restore  # the pools keep no buckets to reload
     return collective
 
 
@@ -66,9 +68,8 @@ class CollectiveRefit:
         self.log = pools.generators.log
         self.generation = 0  # of the group every member is in; 0: none yet
         self.bucket_bytes = 0  # of the layout every member holds
+        self.wire_dtype: str | None = None  # the dtype buckets travel in (None: each weight's own)
         self.intact = False  # False after a failed build or refit: the next refit rebuilds
-        for pool in pools.engine_pools:
-            pool.restore = self.restore
 
     @property
     def engines(self) -> list[tuple[EnginePool, int]]:
@@ -76,8 +77,10 @@ class CollectiveRefit:
         return [(pool, i) for pool in self.pools.engine_pools for i in range(len(pool))]
 
     def refit(self, version: int, bucket_bytes: int) -> None:
-        if not (self.intact and bucket_bytes == self.bucket_bytes and self._members_in_group()):
+        if not (self.intact and self._members_in_group()):
             self.build(bucket_bytes)
+        elif bucket_bytes != self.bucket_bytes:
+            self._lay_out(bucket_bytes)
         engines = self.engines
         refs = [self.pools.learner.send_weights()] + [pool.call(i, "receive_weights", version) for pool, i in engines]
         loaded = self._gather(refs, f"the refit to version {version}")[1:]
@@ -88,8 +91,8 @@ class CollectiveRefit:
             pool.version, pool.weight_refs = version, ()
 
     def build(self, bucket_bytes: int) -> None:
-        """(Re)create the group: every member leaves the old one, all join a new generation together, the
-        source computes the layout and every engine validates it and allocates its buffers."""
+        """(Re)create the group: every member leaves the old one and all join a new generation together;
+        then the layout for `bucket_bytes`."""
         learner, engines = self.pools.learner, self.engines
         self.intact = False
         # Leaving first frees the old communicators (a restarted replica has none to free).
@@ -103,8 +106,14 @@ class CollectiveRefit:
                   for rank, (pool, i) in enumerate(engines, start=1)]
         dtypes = self._gather(joins, f"the set-up of refit group {self.generation}")[1:]
         # Send in the engines' dtype (half the bytes of float32 master weights); mixed engines cast on unpack.
-        wire = dtypes[0] if len(set(dtypes)) == 1 else None
-        layout = learner.refit_layout(bucket_bytes, wire)
+        self.wire_dtype = dtypes[0] if len(set(dtypes)) == 1 else None
+        self._lay_out(bucket_bytes)
+
+    def _lay_out(self, bucket_bytes: int) -> None:
+        """The source computes the layout; every engine validates it and allocates its receive buffers."""
+        self.intact = False
+        layout = self.pools.learner.refit_layout(bucket_bytes, self.wire_dtype)
+        engines = self.engines
         prepared = [(pool, i, pool.call(i, "prepare_refit", layout)) for pool, i in engines]
         for pool, i, ref in prepared:
             try:
@@ -113,8 +122,8 @@ class CollectiveRefit:
                 raise ValueError(f"{pool.name} replica {i} rejected the refit layout: {_cause(e)}") from None
         self.bucket_bytes, self.intact = bucket_bytes, True
         self.log(f"[refit] {self.backend} group {self.generation}: learner rank 0 + {len(engines)} engine "
-                 f"replica(s), {len(layout)} bucket(s), {sum(b['nbytes'] for b in layout) / 1e9:.2f} GB "
-                 f"in {wire or 'the learner dtypes'}")
+                 f"replica(s), {len(layout)} bucket(s) of up to {bucket_bytes / 2**20:g} MiB, "
+                 f"{sum(b['nbytes'] for b in layout) / 1e9:.2f} GB in {self.wire_dtype or 'the learner dtypes'}")
 
     def restore(self, pool: EnginePool, replica: int) -> None:
         """Bring a restarted replica to the version its pool serves (EnginePool.recover calls this). It is in

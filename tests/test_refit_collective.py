@@ -35,8 +35,10 @@ def _learner(model_dir: str, workers: int = 2) -> LearnerGroup:
 
 def _engines(model_dir: str, n: int, dtype: str = "float32", max_restarts: int = 0) -> list:
     spec = EngineSpec(model_dir=model_dir, max_batch_size=4, dtype=dtype)
-    return [engine_actor(GeneratorActor, num_cpus=0.25, num_gpus=0, max_restarts=max_restarts).remote(spec)
-            for _ in range(n)]
+    actors = [engine_actor(GeneratorActor, num_cpus=0.25, num_gpus=0, max_restarts=max_restarts).remote(spec)
+              for _ in range(n)]
+    ray.get([a.weight_version.remote() for a in actors])  # loaded, as start_pools waits for them
+    return actors
 
 
 def _digests(actors) -> list[dict]:
@@ -88,8 +90,8 @@ def test_gloo_refit_gives_every_engine_the_learners_weights_and_version(ray_sess
     assert gens.version == judges.version == 1 and gens.weight_refs == ()
 
     ray.get(group.train_step_async(BATCH, LossConfig(beta=0.5)))
-    refit(pools, version=2, bucket_bytes=2048)  # the same group again: no rebuild
-    assert collective.generation == 1
+    refit(pools, version=2, bucket_bytes=8192)  # another bucket size: a new layout in the same group
+    assert collective.generation == 1 and collective.bucket_bytes == 8192
     assert _digests(gens) == [group.weight_digest()] * 2 and _versions(gens) == [2, 2]
     _shutdown(group, gens, judges)
 

@@ -50,6 +50,7 @@ def pools(ray_session, model_dir):
                                      workers=1, num_cpus=1, num_gpus=1, dtype="float32"))
     spec = EngineSpec(model_dir=model_dir, device="cuda", dtype="bfloat16", max_batch_size=4, max_seq_len=128)
     engine = engine_actor(GeneratorActor, num_cpus=1, num_gpus=1, max_restarts=1).remote(spec)
+    ray.get(engine.weight_version.remote())  # loaded, as start_pools waits for it
     pools = Pools(EnginePool("generator", [engine], max_restarts=1, log=lambda _: None),
                   EnginePool("judge", [], max_restarts=0), group)
     yield pools
