@@ -178,7 +178,7 @@ def end_to_end(model_dir: str, bucket_sizes: list[int], backend: str, cpu: bool,
     version = 1
     for size in bucket_sizes:
         times = []
-        for _ in range(2 + repeats):  # the first refit at a new bucket size rebuilds the group
+        for _ in range(2 + repeats):  # the first refit at a new bucket size lays the buckets out again
             version += 1
             t0 = time.perf_counter()
             refit(pools, version, size)

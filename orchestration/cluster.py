@@ -126,15 +126,16 @@ class EnginePool:
             else:
                 ray.get(self.actors[replica].load_weights.remote(self.version, *self.weight_refs))
 
-    def await_restart(self, replica: int, error: Exception) -> int:
-        """Count a failure of `replica` against max_restarts and wait until it answers; its weight version."""
+    def await_restart(self, replica: int, error: Exception, then: str = "re-issuing its work") -> int:
+        """Count a failure of `replica` against max_restarts and wait until it answers; its weight version.
+        `then` says in the log what happens next."""
         self.restarts[replica] += 1
         first_line = _first_line(error)
         if self.restarts[replica] > self.max_restarts:
             raise ReplicaFailed(f"{self.name} replica {replica} failed {self.restarts[replica]} times, more than "
                                 f"cluster.max_restarts={self.max_restarts} allows; last error: {first_line}")
         self.log(f"[cluster] {self.name} replica {replica} died ({first_line}); restart "
-                 f"{self.restarts[replica]}/{self.max_restarts}, re-issuing its work")
+                 f"{self.restarts[replica]}/{self.max_restarts}, {then}")
         actor = self.actors[replica]
         deadline = time.monotonic() + self.timeout_s
         while True:

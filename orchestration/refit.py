@@ -123,7 +123,7 @@ class CollectiveRefit:
         self.bucket_bytes, self.intact = bucket_bytes, True
         self.log(f"[refit] {self.backend} group {self.generation}: learner rank 0 + {len(engines)} engine "
                  f"replica(s), {len(layout)} bucket(s) of up to {bucket_bytes / 2**20:g} MiB, "
-                 f"{sum(b['nbytes'] for b in layout) / 1e9:.2f} GB in {self.wire_dtype or 'the learner dtypes'}")
+                 f"{sum(b['nbytes'] for b in layout) / 1e6:.1f} MB in {self.wire_dtype or 'the learner dtypes'}")
 
     def restore(self, pool: EnginePool, replica: int) -> None:
         """Bring a restarted replica to the version its pool serves (EnginePool.recover calls this). It is in
@@ -166,7 +166,7 @@ class CollectiveRefit:
             try:
                 intact &= ray.get(ref) == self.generation
             except RECOVERABLE as e:
-                pool.await_restart(i, e)
+                pool.await_restart(i, e, then="the refit rebuilds the group and gives it the new weights")
                 intact = False
         return intact
 
