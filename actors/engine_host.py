@@ -8,7 +8,9 @@ import ray
 import torch
 
 from .engines import make_engine
-from .engines.protocol import GenerationRequest, GenerationResult, WeightBucket
+from .engines.protocol import BucketLayout, GenerationRequest, GenerationResult, WeightBucket
+from .engines.weights import pack_tensors
+from .refit_receiver import RefitReceiver
 
 
 @dataclass(frozen=True)
@@ -24,15 +26,18 @@ class EngineSpec:
 
 
 class StaleWeights(RuntimeError):
-    """A restarted replica was asked to serve before the orchestrator gave it the current weights."""
+    """A replica was asked to serve before it got whole current weights (it was restarted, or a collective
+    refit failed part way)."""
 
 
 class EngineHost:
     """Created with a "health" concurrency group (see `ping`). A replica that Ray restarts after a crash
     comes back with the weights of `spec`, which may be older than what the run serves: it refuses work
-    (StaleWeights) until `load_weights` has been called, so it never answers with stale weights."""
+    (StaleWeights) until `load_weights` (or a collective refit) has given it weights, so it never answers
+    with stale weights."""
 
     def __init__(self, spec: EngineSpec):
+        self.spec = spec
         if spec.device == "cpu":
             torch.set_num_threads(spec.torch_threads)
         self.engine = make_engine(spec.kind, spec.model_dir, device=spec.device, dtype=spec.dtype,
@@ -41,6 +46,7 @@ class EngineHost:
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
         in_actor = ctx is not None and ctx.get_actor_id() is not None  # also built in-process (tests, tools)
         self.stale = in_actor and ctx.was_current_actor_reconstructed
+        self.refit = RefitReceiver()
 
     def load_weights(self, version: int, *buckets: dict) -> int:
         """Refit: Ray resolves each bucket ObjectRef argument to a zero-copy view; copy it in place. With no
@@ -49,6 +55,48 @@ class EngineHost:
             self.engine.load_weights([WeightBucket(**b) for b in buckets], version)
         elif version != self.engine.weight_version:
             raise ValueError(f"no weights given for version {version}; this replica has {self.engine.weight_version}")
+        self.stale = False
+        return self.engine.weight_version
+
+    def export_weights(self, bucket_bytes: int) -> tuple[int, list]:
+        """(version, bucket refs) of the weights served now, for a restarted peer replica to load (the
+        collective transport keeps no buckets). The refs are owned by this replica: load them at once."""
+        if self.stale:
+            raise StaleWeights("this replica was restarted and has no current weights to give")
+        chunks: list[dict] = [{}]
+        size = 0
+        for name, t in self.engine.named_parameters_hf().items():
+            nbytes = t.numel() * t.element_size()
+            if chunks[-1] and size + nbytes > bucket_bytes:
+                chunks.append({})
+                size = 0
+            chunks[-1][name] = t
+            size += nbytes
+        return self.engine.weight_version, [ray.put(vars(pack_tensors(chunk))) for chunk in chunks]
+
+    # Collective refit (actors/refit_receiver.py): the orchestrator builds the group and drives each refit.
+
+    def join_refit_group(self, host: str, port: int, generation: int, rank: int, size: int, backend: str) -> str:
+        """Join the refit group; returns the dtype the weights are held in (the source casts to it)."""
+        self.refit.join(host, port, generation, rank, size, backend)
+        return self.spec.dtype
+
+    def leave_refit_group(self) -> None:
+        self.refit.leave()
+
+    def refit_group(self) -> int:
+        """The generation of the refit group this replica is in; 0 for none (a restarted replica)."""
+        return self.refit.generation
+
+    def prepare_refit(self, layout: list[BucketLayout]) -> None:
+        self.refit.prepare(layout, self.engine, torch.device(self.spec.device))
+
+    def receive_weights(self, version: int) -> int:
+        """One collective refit: every bucket lands in place, then the replica serves `version`. A refit that
+        fails part way leaves mixed weights, so the replica refuses work until it gets whole ones."""
+        self.stale = True
+        self.refit.receive(self.engine)
+        self.engine.weight_version = version
         self.stale = False
         return self.engine.weight_version
 

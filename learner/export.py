@@ -4,10 +4,14 @@ Wire format (read by actors/engines/weights.py; plain data so the two sides shar
 dict with `names`, `dtypes` (torch dtype names), `shapes`, `offsets` (bytes, 64-aligned) and `data`, a
 uint8 numpy array holding the tensors back to back. Through Ray's object store, `data` arrives on every
 replica as a zero-copy view of shared memory.
+
+A bucket's *layout* is the same dict without `data` and with `nbytes` (the bucket's size): the collective
+transport sends layouts once and then only the bytes (learner/refit_source.py).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import numpy as np
@@ -21,34 +25,39 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[dict]:
-    """Group tensors into buckets of about `bucket_bytes` (a larger tensor gets a bucket of its own)."""
-    groups: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
+def bucket_layout(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                  dtype: str | None = None) -> list[dict]:
+    """Group tensors into buckets of about `bucket_bytes` (a larger tensor gets a bucket of its own).
+    `dtype` (a torch dtype name) is the dtype every entry travels in; None keeps each tensor's own."""
+    layout: list[dict] = []
     for name, tensor in named:
-        nbytes = _aligned(tensor.numel() * tensor.element_size())
-        if groups[-1] and size + nbytes > bucket_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, tensor))
-        size += nbytes
-    return [_pack(group) for group in groups if group]
+        entry_dtype = dtype or str(tensor.dtype).removeprefix("torch.")
+        nbytes = _aligned(math.prod(tensor.shape) * getattr(torch, entry_dtype).itemsize)
+        if not layout or (layout[-1]["names"] and layout[-1]["nbytes"] + nbytes > bucket_bytes):
+            layout.append({"names": [], "dtypes": [], "shapes": [], "offsets": [], "nbytes": 0})
+        bucket = layout[-1]
+        bucket["names"].append(name)
+        bucket["dtypes"].append(entry_dtype)
+        bucket["shapes"].append(tuple(tensor.shape))
+        bucket["offsets"].append(bucket["nbytes"])
+        bucket["nbytes"] += nbytes
+    return layout
 
 
-def _pack(group: list[tuple[str, torch.Tensor]]) -> dict:
-    offsets, total = [], 0
-    for _, t in group:
-        offsets.append(total)
-        total += _aligned(t.numel() * t.element_size())
-    data = np.zeros(total, dtype=np.uint8)
-    flat = torch.from_numpy(data)
-    for (_, t), off in zip(group, offsets):
-        src = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        flat[off : off + src.numel()].copy_(src)
-    return {
-        "names": [n for n, _ in group],
-        "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in group],
-        "shapes": [tuple(t.shape) for _, t in group],
-        "offsets": offsets,
-        "data": data,
-    }
+def pack_entries(entry: dict, tensors: dict[str, torch.Tensor], out: torch.Tensor) -> None:
+    """Copy (and cast) the tensors of one layout entry into `out`, a uint8 tensor of entry["nbytes"] bytes."""
+    for name, dtype, shape, offset in zip(entry["names"], entry["dtypes"], entry["shapes"], entry["offsets"]):
+        nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
+        out[offset : offset + nbytes].view(getattr(torch, dtype)).view(shape).copy_(tensors[name])
+
+
+def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[dict]:
+    """The buckets of `bucket_layout` with their bytes, in host memory (the object-store transport)."""
+    tensors = {name: t.detach() for name, t in named}
+    buckets = []
+    with torch.no_grad():
+        for entry in bucket_layout(tensors.items(), bucket_bytes):
+            data = np.zeros(entry["nbytes"], dtype=np.uint8)
+            pack_entries(entry, {n: tensors[n].to("cpu") for n in entry["names"]}, torch.from_numpy(data))
+            buckets.append({**{k: v for k, v in entry.items() if k != "nbytes"}, "data": data})
+    return buckets

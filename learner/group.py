@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .backends.torch_backend import TorchBackend
+from .refit_source import RefitSource
 from .types import LossConfig, OptimConfig, TrainSample
 
 
@@ -40,6 +41,7 @@ class LearnerWorker:
     def __init__(self, spec: LearnerSpec, rank: int):
         self.spec, self.rank = spec, rank
         self.backend: TorchBackend | None = None
+        self.refit = RefitSource(ray.util.get_node_ip_address()) if rank == 0 else None
         if spec.num_gpus == 0:
             torch.set_num_threads(spec.torch_threads)
 
@@ -99,6 +101,23 @@ class LearnerWorker:
         return {name: hashlib.sha1(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
                 for name, t in self.backend.named_weights()}
 
+    # Collective refit (rank 0 only): see learner/refit_source.py and orchestration/refit.py.
+
+    def refit_address(self) -> tuple[str, int]:
+        return self.refit.address()
+
+    def join_refit_group(self, generation: int, size: int, backend: str) -> None:
+        self.refit.join(generation, size, backend)
+
+    def leave_refit_group(self) -> None:
+        self.refit.leave()
+
+    def refit_layout(self, bucket_bytes: int, dtype: str | None) -> list[dict]:
+        return self.refit.set_layout(self.backend.named_weights(), bucket_bytes, dtype, self.backend.device)
+
+    def send_weights(self) -> None:
+        self.refit.send(self.backend.named_weights())
+
 
 class LearnerGroup:
     def __init__(self, spec: LearnerSpec, scheduling: Sequence | None = None):
@@ -154,6 +173,25 @@ class LearnerGroup:
 
     def weight_digest(self) -> dict[str, str]:
         return self.get(self.workers[0].weight_digest.remote())
+
+    # Collective refit: rank 0 is the source (with DDP it holds the full weights; named_weights() is where a
+    # sharded backend would gather them). The join, leave and send calls return refs: every member of the
+    # refit group must be in them at once.
+
+    def refit_address(self) -> tuple[str, int]:
+        return self.get(self.workers[0].refit_address.remote())
+
+    def join_refit_group(self, generation: int, size: int, backend: str):
+        return self.workers[0].join_refit_group.remote(generation, size, backend)
+
+    def leave_refit_group(self):
+        return self.workers[0].leave_refit_group.remote()
+
+    def refit_layout(self, bucket_bytes: int, dtype: str | None) -> list[dict]:
+        return self.get(self.workers[0].refit_layout.remote(bucket_bytes, dtype))
+
+    def send_weights(self):
+        return self.workers[0].send_weights.remote()
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -5,7 +5,8 @@ is not retried by Ray: the pool waits for the replica to come back, loads the cu
 it (a restarted replica starts from the weights it was created with), and the caller issues the call
 again with the same seeds, so the tokens are the ones the lost call would have produced. Learner workers
 are not restartable: their state is the run's, so a dead worker stops the run (it resumes from the last
-checkpoint).
+checkpoint). How weights reach the replicas (refits, and restarted replicas under the collective transport)
+is orchestration/refit.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
@@ -95,9 +96,13 @@ class EnginePool:
     restarts: list[int] = field(default_factory=list)
     version: int = 0  # the weight version every replica must serve
     weight_refs: tuple = ()  # the buckets of `version` (empty: the weights the replicas were created with)
+    # How a restarted replica gets `version` when the pool keeps no buckets (the collective transport sets
+    # it: orchestration/refit.py); None: load `weight_refs`.
+    restore: Callable[["EnginePool", int], None] | None = None
 
     def __post_init__(self):
         self.restarts = [0] * len(self.actors)
+        self.created_version = self.version  # what a restarted replica comes back with
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -115,26 +120,32 @@ class EnginePool:
     def recover(self, replica: int, error: Exception) -> None:
         """Wait for a replica Ray is restarting and bring it to the current weights; ReplicaFailed when it
         has failed more than max_restarts times."""
+        if self.await_restart(replica, error) != self.version:  # restarted: the spec's weights (-1 until confirmed)
+            if self.restore is not None:
+                self.restore(self, replica)
+            else:
+                ray.get(self.actors[replica].load_weights.remote(self.version, *self.weight_refs))
+
+    def await_restart(self, replica: int, error: Exception, then: str = "re-issuing its work") -> int:
+        """Count a failure of `replica` against max_restarts and wait until it answers; its weight version.
+        `then` says in the log what happens next."""
         self.restarts[replica] += 1
         first_line = _first_line(error)
         if self.restarts[replica] > self.max_restarts:
             raise ReplicaFailed(f"{self.name} replica {replica} failed {self.restarts[replica]} times, more than "
                                 f"cluster.max_restarts={self.max_restarts} allows; last error: {first_line}")
         self.log(f"[cluster] {self.name} replica {replica} died ({first_line}); restart "
-                 f"{self.restarts[replica]}/{self.max_restarts}, re-issuing its work")
+                 f"{self.restarts[replica]}/{self.max_restarts}, {then}")
         actor = self.actors[replica]
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                version = ray.get(actor.weight_version.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                break
+                return ray.get(actor.weight_version.remote(), timeout=max(1.0, deadline - time.monotonic()))
             except (GetTimeoutError, *RECOVERABLE) as e:
                 if time.monotonic() > deadline:
                     raise ReplicaFailed(f"{self.name} replica {replica} did not come back within "
                                         f"{self.timeout_s:.0f}s after a crash: {e}") from None
                 time.sleep(0.5)
-        if version != self.version:  # restarted: its weights are the spec's (or -1 until confirmed)
-            ray.get(actor.load_weights.remote(self.version, *self.weight_refs))
 
     def load(self, version: int, refs: list) -> None:
         """Refit every replica to `version`; a replica that dies meanwhile is recovered (and so refit)."""
@@ -162,6 +173,7 @@ class Pools:
     health_interval_s: float = 30.0
     health_timeout_s: float = 60.0
     placement_groups: list = field(default_factory=list)
+    collective: Any = None  # the collective refit transport's group state (orchestration/refit.py); None: object store
     _last_progress: float = field(default_factory=time.monotonic)
 
     @property
@@ -257,10 +269,3 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judge_engine: En
     log("[cluster] placed " + "; ".join(r.describe() for r in wanted))
     return pools
 
-
-def refit(pools: Pools, version: int, bucket_bytes: int) -> None:
-    """Publish the learner's weights as `version` and wait until every engine serves it. The pools keep the
-    bucket refs until the next refit, for replicas that restart in between."""
-    refs = pools.learner.export_bucket_refs(bucket_bytes)
-    for pool in pools.engine_pools:
-        pool.load(version, refs)

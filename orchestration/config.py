@@ -181,6 +181,7 @@ class ClusterConfig:
     max_restarts: int = 3  # per generator/judge replica; one more failure stops the run (with a checkpoint)
     health_check_interval_s: float = 30.0  # with no progress this long, ping every actor
     health_check_timeout_s: float = 60.0  # a ping (or a restarting replica) unanswered this long: hung
+    refit_transport: str = "auto"  # auto | nccl | gloo | object_store: see refit_transport()
 
 
 @dataclass
@@ -243,6 +244,7 @@ CHOICES = {
     "cluster.judges.strategy": PLACEMENT_STRATEGIES,
     "cluster.learner.strategy": PLACEMENT_STRATEGIES,
     "learner.dtype": ("float32", "bfloat16", "float16"),
+    "cluster.refit_transport": ("auto", "nccl", "gloo", "object_store"),
 }
 
 
@@ -336,6 +338,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.max_restarts must be >= 0, got {cfg.cluster.max_restarts}")
     if cfg.max_time_per_run is not None:
         max_seconds(cfg.max_time_per_run)
+    if a.name != "generate":  # the generation job has no learner and never refits
+        refit_transport(cfg)
     if cfg.judge.score_low >= cfg.judge.score_high:
         raise ConfigError(f"judge.score_low={cfg.judge.score_low} must be below judge.score_high={cfg.judge.score_high}")
     if cfg.model.path is None and cfg.model.name != "toy":
@@ -354,6 +358,24 @@ def _validate_spin(a: AlgorithmConfig) -> None:
         if getattr(a, key):
             raise ConfigError(f"algorithm.{key}=true is a Self-Rewarding option; SPIN trains on the "
                               "ground-truth answers from the first iteration")
+
+
+def refit_transport(cfg: Config) -> str:
+    """cluster.refit_transport with `auto` resolved: nccl when the learner and every engine pool the
+    algorithm runs hold at least one whole GPU per worker or replica (NCCL needs a GPU of its own for each
+    rank of the refit group), else object_store. `gloo` is the collective path on CPU (tests, CPU clusters)."""
+    c = cfg.cluster
+    pools = {"cluster.learner.num_gpus": c.learner.num_gpus, "cluster.generators.num_gpus": c.generators.num_gpus}
+    if cfg.algorithm.name in JUDGED:
+        pools["cluster.judges.num_gpus"] = c.judges.num_gpus
+    short = [f"{key}={value:g}" for key, value in pools.items() if value < 1]
+    if c.refit_transport == "auto":
+        return "object_store" if short else "nccl"
+    if c.refit_transport == "nccl" and short:
+        raise ConfigError(f"cluster.refit_transport=nccl needs a whole GPU per learner worker and engine replica "
+                          f"(NCCL cannot put two ranks on one GPU), but {', '.join(short)}: give them GPUs, or "
+                          "use cluster.refit_transport=object_store")
+    return c.refit_transport
 
 
 def max_seconds(value: str | None) -> float | None:

@@ -27,10 +27,11 @@ from .algorithms.spin import Spin
 from .chat import PRESETS, ChatRenderer
 from .checkpoint import Checkpoint, Checkpoints
 from .cluster import LearnerFailed, ReplicaFailed, connect, start_pools
-from .config import JUDGED, Config, ConfigError, max_seconds, sampling_params
+from .config import JUDGED, Config, ConfigError, max_seconds, refit_transport, sampling_params
 from .context import RunContext
 from .data import JsonlDataset
 from .metrics import MetricsLogger
+from .refit import COLLECTIVE_BACKENDS, use_collective
 from .resumable_output import ResumableJsonl
 from .stopping import StopRequested, Stopper
 from .report import format_table
@@ -93,6 +94,10 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
         gen_engine, judge_engine, judge, learner = _specs(cfg, weights)
         pools = start_pools(cfg.cluster, gen_engine, judge_engine if judged else None, judge if judged else None,
                             learner, log=log)
+        transport = refit_transport(cfg)
+        if transport in COLLECTIVE_BACKENDS:
+            use_collective(pools, transport)
+        log(f"[run] weight refits: {transport}")
         if resume is not None and resume.state["phase"] == "end" and cfg.algorithm.reset_optimizer_each_iteration:
             pools.learner.reset_optimizer()  # the boundary after an iteration-end checkpoint
         for ds, name in ((setup.train, "train"), (setup.val, "val")):

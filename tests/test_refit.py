@@ -4,38 +4,21 @@ import time
 
 import pytest
 import ray
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from tokenizers import Tokenizer, models
 
 from actors.engine_host import EngineSpec
 from actors.engines.protocol import GenerationRequest, SamplingParams
 from actors.generator import GeneratorActor
 from learner.group import LearnerGroup, LearnerSpec
 from learner.types import LossConfig, OptimConfig, TrainSample
-from orchestration.cluster import RECOVERABLE, EnginePool, Pools, ReplicaFailed, engine_actor, refit
+from orchestration.cluster import RECOVERABLE, EnginePool, Pools, ReplicaFailed, engine_actor
+from orchestration.refit import refit
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("refit_model")
-    vocab = {f"t{i}": i for i in range(64)}
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
-                                  eos_token="t1", pad_token="t0")
-    tok.save_pretrained(path)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True, eos_token_id=1)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
-
-
-def test_refit_copies_trained_weights_into_every_engine(ray_session, tiny_model):
-    group = LearnerGroup(LearnerSpec(model_dir=tiny_model, optim=OptimConfig(lr=1e-2, micro_batch_size=2), workers=2))
-    engine = EngineSpec(model_dir=tiny_model, max_batch_size=4)
+def test_refit_copies_trained_weights_into_every_engine(ray_session, tiny_llama):
+    group = LearnerGroup(LearnerSpec(model_dir=tiny_llama, optim=OptimConfig(lr=1e-2, micro_batch_size=2), workers=2))
+    engine = EngineSpec(model_dir=tiny_llama, max_batch_size=4)
     actors = [engine_actor(GeneratorActor, num_cpus=0.5, num_gpus=0).remote(engine) for _ in range(2)]
     pools = Pools(EnginePool("generator", actors, max_restarts=0), EnginePool("judge", [], max_restarts=0), group)
 
@@ -56,14 +39,14 @@ def test_refit_copies_trained_weights_into_every_engine(ray_session, tiny_model)
         ray.kill(a)
 
 
-def test_a_replica_over_its_restart_budget_stops_with_a_message(ray_session, tiny_model):
+def test_a_replica_over_its_restart_budget_stops_with_a_message(ray_session, tiny_llama):
     """Ray restarts a dead replica; the pool brings it to the current version, and a failure beyond
     cluster.max_restarts raises ReplicaFailed naming the replica (the run then checkpoints and stops)."""
-    engine = EngineSpec(model_dir=tiny_model, max_batch_size=4)
+    engine = EngineSpec(model_dir=tiny_llama, max_batch_size=4)
     actor = engine_actor(GeneratorActor, num_cpus=0.5, num_gpus=0, max_restarts=1).remote(engine)
     logs = []
     pool = EnginePool("generator", [actor], max_restarts=1, log=logs.append)
-    group = LearnerGroup(LearnerSpec(model_dir=tiny_model, optim=OptimConfig(lr=1e-2, micro_batch_size=2), workers=1))
+    group = LearnerGroup(LearnerSpec(model_dir=tiny_llama, optim=OptimConfig(lr=1e-2, micro_batch_size=2), workers=1))
     refit(Pools(pool, EnginePool("judge", [], max_restarts=1), group), version=3, bucket_bytes=4096)
     request = [GenerationRequest([2, 3], SamplingParams(temperature=0, max_new_tokens=2))]
 

@@ -1,4 +1,5 @@
-"""SPIN end to end on the toy world: two iterations with the previous iteration's generations mixed in."""
+"""SPIN end to end on the toy world: two iterations with the previous iteration's generations mixed in,
+refit by the collective transport over gloo."""
 
 import json
 import math
@@ -20,6 +21,7 @@ def spin_run(ray_session, toy_cache, tmp_path_factory):
         *TOY_TEST_OVERRIDES, f"algorithm.global_batch_size={GBS}", "algorithm.micro_batch_size=4",
         "algorithm.max_iterations=2", "algorithm.ref_policy_kl_penalty=[0.1,0.5]", "spin.mix_previous_iteration=true",
         "algorithm.val_check_interval=4",
+        "cluster.refit_transport=gloo",  # the collective refit path through the driver (object store: other runs)
     ])
     result = run(cfg)
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]

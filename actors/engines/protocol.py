@@ -7,7 +7,7 @@ through Ray's object store and every engine returns exactly the same structure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Protocol, Sequence
+from typing import Any, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -62,6 +62,11 @@ class WeightBucket:
     data: np.ndarray = field(repr=False)
 
 
+# A bucket's layout: the fields of a WeightBucket but `data`, plus `nbytes` (the bucket's size), as a plain
+# dict. The collective refit sends the layout once per group and then only the bytes of each bucket.
+BucketLayout = Mapping[str, Any]
+
+
 class Engine(Protocol):
     """What the generator and judge actors need from an engine."""
 
@@ -75,6 +80,13 @@ class Engine(Protocol):
 
     def load_weights(self, buckets: Sequence[WeightBucket], version: int) -> None:
         """Copy the named tensors into the engine's parameters in place, then serve as `version`."""
+
+    def check_layout(self, layout: Sequence[BucketLayout]) -> None:
+        """ValueError unless the buckets set every parameter exactly once, with its shape (changes nothing)."""
+
+    def load_flat_bucket(self, entry: BucketLayout, data: Any) -> None:
+        """Copy one received bucket (a flat uint8 tensor laid out as `entry`) into the parameters in place.
+        The caller sets `weight_version` once every bucket of a refit is in."""
 
     def named_parameters_hf(self) -> Mapping[str, object]:
         """Current parameters under Hugging Face names (tests and refit checks)."""

@@ -23,7 +23,7 @@ import json
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from actors.engines.cuda_graphs import DecodeGraphs, decode_window
 from actors.engines.llama import ForwardContext, ModelArgs, Transformer, hf_views
 from actors.engines.protocol import FinishReason, GenerationRequest, GenerationResult, WeightBucket
 from actors.engines.sampling import sample_tokens, split_seed, token_logprobs
-from actors.engines.weights import torch_dtype, unpack_bucket
+from actors.engines.weights import entry_views, layout_spans, torch_dtype, unpack_bucket
 
 KV_LEN_BUCKET = 64  # CPU decode attends over a multiple of this many cache positions (fewer distinct shapes)
 LOGITS_CHUNK = 1024  # rows per lm_head call in `score`, bounding the [rows, vocab] buffer
@@ -103,17 +103,29 @@ class TorchEngine:
         return tied_copy or name.endswith("rotary_emb.inv_freq")
 
     def load_weights(self, buckets: Sequence[WeightBucket], version: int) -> None:
-        """Validate every bucket's names and shapes first, so a bad refit leaves the weights untouched."""
-        seen: set[str] = set()
-        for bucket in buckets:
-            for name, shape in zip(bucket.names, bucket.shapes):
-                self._check_entry(name, tuple(shape), seen)
-        self._check_all_set(seen)
+        """Validate every bucket first, so a bad refit leaves the weights untouched."""
+        self.check_layout([{**vars(b), "nbytes": b.data.size} for b in buckets])
         with torch.no_grad():
             for bucket in buckets:
                 for name, tensor in unpack_bucket(bucket).items():
                     self._views[name].copy_(tensor)
         self.weight_version = version
+
+    def check_layout(self, layout: Sequence[Mapping]) -> None:
+        """ValueError unless the buckets set every parameter exactly once, with its shape, each entry inside
+        its bucket and aligned."""
+        seen: set[str] = set()
+        for bucket in layout:
+            for name, _, shape, _, _ in layout_spans(bucket, bucket["nbytes"]):
+                self._check_entry(name, shape, seen)
+        self._check_all_set(seen)
+
+    def load_flat_bucket(self, entry: Mapping, data: torch.Tensor) -> None:
+        """Copy (casting where the dtypes differ) one received bucket into the parameters. `data` is a flat
+        uint8 tensor laid out as `entry`, a bucket of a layout `check_layout` accepted."""
+        with torch.no_grad():
+            for name, tensor in entry_views(entry, data).items():
+                self._views[name].copy_(tensor)
 
     def _check_entry(self, name: str, shape: tuple[int, ...], seen: set[str]) -> None:
         if name not in self._views:

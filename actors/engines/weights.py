@@ -1,9 +1,11 @@
-"""The refit wire format: named tensors packed back to back in one uint8 buffer (`WeightBucket`)."""
+"""The refit wire format: named tensors packed back to back in one uint8 buffer (`WeightBucket`), and its
+layout (the same without the bytes) for buffers that arrive by collective broadcast."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -48,26 +50,35 @@ def _bytes_view(data: np.ndarray) -> torch.Tensor:
         return torch.frombuffer(data, dtype=torch.uint8)
 
 
-def unpack_bucket(bucket: WeightBucket) -> dict[str, torch.Tensor]:
-    """Zero-copy views of every entry of `bucket`, by name."""
-    n = len(bucket.names)
-    if not (len(bucket.dtypes) == len(bucket.shapes) == len(bucket.offsets) == n):
+def layout_spans(entry: Mapping, size: int) -> Iterator[tuple[str, torch.dtype, tuple[int, ...], int, int]]:
+    """(name, dtype, shape, offset, nbytes) of each entry of one bucket layout (names, dtypes, shapes,
+    offsets) over a `size`-byte buffer; ValueError for a malformed entry."""
+    names = entry["names"]
+    if not (len(entry["dtypes"]) == len(entry["shapes"]) == len(entry["offsets"]) == len(names)):
         raise ValueError("bucket names/dtypes/shapes/offsets have different lengths")
-    raw = _bytes_view(bucket.data)
-    out: dict[str, torch.Tensor] = {}
-    for name, dtype, shape, offset in zip(bucket.names, bucket.dtypes, bucket.shapes, bucket.offsets):
-        if name in out:
+    seen: set[str] = set()
+    for name, dtype, shape, offset in zip(names, entry["dtypes"], entry["shapes"], entry["offsets"]):
+        if name in seen:
             raise ValueError(f"bucket has {name!r} twice")
+        seen.add(name)
         shape = tuple(shape)
         nbytes = entry_nbytes(dtype, shape)
         if offset % torch_dtype(dtype).itemsize:
             raise ValueError(f"bucket entry {name!r} at offset {offset} is not aligned to its {dtype} elements")
-        if offset < 0 or offset + nbytes > raw.numel():
-            raise ValueError(
-                f"bucket entry {name!r} [{offset}, {offset + nbytes}) is outside the {raw.numel()}-byte buffer"
-            )
-        out[name] = raw[offset : offset + nbytes].view(torch_dtype(dtype)).view(shape)
-    return out
+        if offset < 0 or offset + nbytes > size:
+            raise ValueError(f"bucket entry {name!r} [{offset}, {offset + nbytes}) is outside the {size}-byte buffer")
+        yield name, torch_dtype(dtype), shape, offset, nbytes
+
+
+def entry_views(entry: Mapping, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Views into `raw` (a flat uint8 tensor on any device) of every entry of one bucket layout, by name."""
+    return {name: raw[offset : offset + nbytes].view(dtype).view(shape)
+            for name, dtype, shape, offset, nbytes in layout_spans(entry, raw.numel())}
+
+
+def unpack_bucket(bucket: WeightBucket) -> dict[str, torch.Tensor]:
+    """Zero-copy views of every entry of `bucket`, by name."""
+    return entry_views(vars(bucket), _bytes_view(bucket.data))
 
 
 def pack_tensors(named: dict[str, torch.Tensor]) -> WeightBucket:

@@ -24,14 +24,14 @@ from learner.types import LossConfig, TrainSample
 
 from ..batching import Batch, GlobalBatcher, OutcomeStats, PromptOutcome
 from ..checkpoint import Checkpoint, Checkpoints
-from ..cluster import Pools, ReplicaFailed, raise_learner_failures, refit
+from ..cluster import Pools, ReplicaFailed, raise_learner_failures
 from ..config import Config, limited, per_iteration, sampling_params
 from ..context import RunContext
 from ..faults import crash_point
+from ..refit import refit
 from ..rollout import PromptRecord, RolloutPipeline, ScoredPrompt
 from ..stopping import StopRequested, Stopper
 
-BUCKET_BYTES = 256 << 20
 GENERATION_TABLE_COLUMNS = ("step", "prompt", "chosen", "rejected", "chosen_score", "rejected_score")
 GENERATION_TABLE_ROWS = 4  # pairs of the latest batch shown at each validation
 
@@ -163,7 +163,7 @@ class IterativeAlgorithm:
         if self.cfg.algorithm.reset_optimizer_each_iteration:
             self.pools.learner.reset_optimizer()
         self.version += 1
-        refit(self.pools, self.version, BUCKET_BYTES)
+        refit(self.pools, self.version)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 

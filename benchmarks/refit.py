@@ -1,0 +1,241 @@
+"""Benchmark 2: weight refit from a learner GPU to an engine GPU (DESIGN.md "Performance targets").
+
+Llama-3.2-1B shape with random weights, bf16 (2.47 GB sent: the tied lm_head is the embedding and is not),
+learner rank 0 on one GPU and one engine replica on the other, as Ray actors. Medians over repeats after
+warm-up of:
+  copy       one device-to-device copy GPU0 -> GPU1 of the same bytes inside one process (`.to("cuda:1")`):
+             the reference bandwidth;
+  broadcast  NCCL broadcasts of the refit's buckets between two Ray actors, from and into preallocated
+             buffers (no packing, no Ray calls in the timed part);
+  refit      `orchestration.refit.refit` end to end: learner weights -> the engine serving the new version
+             (Ray calls, the group check, packing, broadcast, unpacking, synchronisation).
+Before timing, one trained step is refit and the engine's weights are checked against the learner's.
+Prints one table and the hardware. Target: refit >= 70% of the copy bandwidth.
+
+    python benchmarks/refit.py                 # two GPUs (about a minute)
+    python benchmarks/refit.py --cpu           # a tiny model over gloo on CPU: checks the script end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+REPO = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(0, REPO)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))  # Ray workers too
+
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)  # as engine_decode.py
+TINY = dict(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+
+
+@ray.remote(max_calls=1)  # a fresh process: its CUDA memory goes back when it returns
+def prepare(root: str, shape: dict, cpu: bool, repeats: int) -> dict:
+    """Save the random checkpoint (with a stand-in tokenizer); measure the copy for its byte count."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(**shape, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    with torch.device("cpu" if cpu else "cuda:0"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(root)
+    vocab = {f"t{i}": i for i in range(1000)}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))).save_pretrained(root)
+    sent = [(n, tuple(t.shape)) for n, t in model.state_dict().items() if n != "lm_head.weight"]
+    nbytes = sum(torch.Size(s).numel() * 2 for _, s in sent)
+    del model
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cpu" if cpu else "cuda:0")
+    times = []
+    for _ in range(3 + repeats):
+        _sync(cpu)
+        t0 = time.perf_counter()
+        dst = src.clone() if cpu else src.to("cuda:1")
+        _sync(cpu)
+        times.append(time.perf_counter() - t0)
+        del dst
+    return {"sent": sent, "nbytes": nbytes, "copy_s": times[3:], "hardware": _hardware(cpu)}
+
+
+def _sync(cpu: bool) -> None:
+    if not cpu:
+        for d in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(d)
+
+
+def _hardware(cpu: bool) -> str:
+    if cpu:
+        return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (gloo); "
+                f"torch {torch.__version__}, ray {ray.__version__}")
+    props = [torch.cuda.get_device_properties(d) for d in range(torch.cuda.device_count())]
+    peer = torch.cuda.can_device_access_peer(0, 1)
+    nccl = ".".join(map(str, torch.cuda.nccl.version()))
+    return (f"{len(props)}x {props[0].name}, {props[0].total_memory / 2**30:.0f} GiB each, peer access "
+            f"{'yes' if peer else 'no'}; torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {nccl}, "
+            f"ray {ray.__version__}; NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE', 'unset')}")
+
+
+class BroadcastBench:
+    """One rank of a bare broadcast loop over the refit group set-up (learner/refit_source.py)."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def address(self) -> tuple[str, int]:
+        import socket
+
+        import torch.distributed as dist
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
+        return host, port
+
+    def join(self, host: str, port: int, rank: int, backend: str) -> None:
+        import torch.distributed as dist
+
+        from learner.refit_source import open_group
+
+        if rank:
+            self.store = dist.TCPStore(host, port, is_master=False)
+        self.group = open_group(self.store, 1, rank, 2, backend)
+
+    def run(self, sizes: list[int], repeats: int) -> list[float]:
+        buffers = [torch.zeros(n, dtype=torch.uint8, device=self.device) for n in sizes]
+        probe = torch.zeros(1, device=self.device)
+        times = []
+        for _ in range(3 + repeats):
+            self.group.broadcast(probe, root=0).wait()  # both ranks start together
+            self._sync()
+            t0 = time.perf_counter()
+            for work in [self.group.broadcast(b, root=0) for b in buffers]:
+                work.wait()
+            self._sync()
+            times.append(time.perf_counter() - t0)
+        return times[3:]
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.current_stream().synchronize()
+
+
+def broadcast_alone(sizes: list[int], backend: str, device: str, repeats: int) -> list[float]:
+    """Per repeat, the slower rank's time to broadcast every bucket."""
+    actor = ray.remote(BroadcastBench).options(num_cpus=1, num_gpus=0 if device == "cpu" else 1)
+    source, receiver = actor.remote(device), actor.remote(device)
+    host, port = ray.get(source.address.remote())
+    ray.get([source.join.remote(host, port, 0, backend), receiver.join.remote(host, port, 1, backend)])
+    times = ray.get([source.run.remote(sizes, repeats), receiver.run.remote(sizes, repeats)])
+    for a in (source, receiver):
+        ray.kill(a)
+    return [max(pair) for pair in zip(*times)]
+
+
+def end_to_end(model_dir: str, bucket_sizes: list[int], backend: str, cpu: bool, repeats: int, log) -> dict:
+    """Median seconds of `refit` per bucket size, after checking one refit of trained weights."""
+    from actors.engine_host import EngineSpec
+    from actors.generator import GeneratorActor
+    from learner.group import LearnerGroup, LearnerSpec
+    from learner.types import LossConfig, OptimConfig, TrainSample
+    from orchestration.cluster import EnginePool, Pools, engine_actor
+    from orchestration.refit import refit, use_collective
+
+    gpus = 0 if cpu else 1
+    learner = LearnerGroup(LearnerSpec(model_dir=model_dir, optim=OptimConfig(lr=1e-3, micro_batch_size=1),
+                                       workers=1, num_cpus=1, num_gpus=gpus, dtype="bfloat16"))
+    spec = EngineSpec(model_dir=model_dir, device="cpu" if cpu else "cuda", dtype="bfloat16", max_batch_size=8,
+                      max_seq_len=256)
+    engine = engine_actor(GeneratorActor, num_cpus=1, num_gpus=gpus).remote(spec)
+    ray.get(engine.weight_version.remote())  # loaded, as start_pools waits for it
+    pools = Pools(EnginePool("generator", [engine], 0, log=log), EnginePool("judge", [], 0), learner)
+    t0 = time.perf_counter()
+    use_collective(pools, backend, bucket_sizes[0])
+    out = {"build_s": time.perf_counter() - t0}
+
+    ray.get(learner.train_step_async([TrainSample([1, 2, 3], [4, 5], [6, 7])], LossConfig()))
+    before = ray.get(engine.weight_digest.remote())
+    refit(pools, 1, bucket_sizes[0])
+    after, trained = ray.get(engine.weight_digest.remote()), learner.weight_digest()
+    if after != trained or after == before:
+        raise SystemExit("refit check failed: the engine's weights are not the learner's trained ones")
+    version = 1
+    for size in bucket_sizes:
+        times = []
+        for _ in range(2 + repeats):  # the first refit at a new bucket size lays the buckets out again
+            version += 1
+            t0 = time.perf_counter()
+            refit(pools, version, size)
+            times.append(time.perf_counter() - t0)
+        out[size] = times[2:]
+    if ray.get(engine.weight_version.remote()) != version:
+        raise SystemExit(f"the engine does not report version {version} after the last refit")
+    pools.shutdown()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="a tiny model over gloo on CPU (checks the script)")
+    ap.add_argument("--bucket-mb", type=float, nargs="+", help="bucket sizes (default: 64 256 1024; --cpu: 0.25 1 4)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 10; --cpu 3)")
+    args = ap.parse_args()
+    cpu = args.cpu
+    repeats = args.repeats or (3 if cpu else 10)
+    bucket_mb = args.bucket_mb or ([0.25, 1, 4] if cpu else [64, 256, 1024])
+    sizes = [int(mb * 2**20) for mb in bucket_mb]
+    backend, device = ("gloo", "cpu") if cpu else ("nccl", "cuda")
+    ray.init(num_cpus=4, num_gpus=0 if cpu else 2, include_dashboard=False, log_to_driver=False)
+    if not cpu and ray.cluster_resources().get("GPU", 0) < 2:
+        raise SystemExit("needs two GPUs (or --cpu)")
+    from learner.export import bucket_layout
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(Path(tmp) / "model")
+        prep = ray.get(prepare.options(num_gpus=0 if cpu else 2).remote(model_dir, TINY if cpu else LLAMA_1B, cpu, repeats))
+        print(f"hardware: {prep['hardware']}")
+        meta = [(n, torch.empty(s, dtype=torch.bfloat16, device="meta")) for n, s in prep["sent"]]
+        layouts = {size: bucket_layout(meta, size) for size in sizes}
+        bcast = {size: broadcast_alone([b["nbytes"] for b in layouts[size]], backend, device, repeats) for size in sizes}
+        e2e = end_to_end(model_dir, sizes, backend, cpu, repeats, log=lambda _: None)
+
+    nbytes, copy_s = prep["nbytes"], statistics.median(prep["copy_s"])
+    copy_rate = nbytes / copy_s
+    rows = [("copy GPU0 -> GPU1 (.to)" if not cpu else "copy (CPU clone)", "-", "-", copy_s)]
+    for size in sizes:
+        rows.append((f"{backend} broadcast alone", f"{size / 2**20:g}", len(layouts[size]), statistics.median(bcast[size])))
+    for size in sizes:
+        rows.append(("end-to-end refit", f"{size / 2**20:g}", len(layouts[size]), statistics.median(e2e[size])))
+    print(f"model: Llama-3.2-1B shape, bf16, {nbytes / 1e9:.3f} GB sent" if not cpu else
+          f"model: tiny Llama, bf16, {nbytes / 1e6:.2f} MB sent")
+    print(f"medians of {repeats} after warm-up; GB = 1e9 bytes; group set-up (first use, not in the table): "
+          f"{e2e['build_s']:.2f} s")
+    print(f"| {'measurement':<24} | {'bucket MB':>9} | {'buckets':>7} | {'ms':>8} | {'GB/s':>7} | {'of copy':>7} |")
+    print(f"|{'-' * 26}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 9}|{'-' * 9}|")
+    for name, mb, count, seconds in rows:
+        rate = nbytes / seconds
+        print(f"| {name:<24} | {mb:>9} | {count!s:>7} | {seconds * 1e3:>8.2f} | {rate / 1e9:>7.1f} | "
+              f"{rate / copy_rate:>7.1%} |")
+    best = min(statistics.median(e2e[size]) for size in sizes)
+    print(f"target: end-to-end refit >= 70% of the copy bandwidth; best here {nbytes / best / copy_rate:.1%}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
