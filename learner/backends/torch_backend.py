@@ -21,14 +21,11 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from .. import losses
+from .. import losses, objective
 from ..export import DEFAULT_BUCKET_BYTES, pack_buckets
 from ..schedule import lr_at
 from ..types import LossConfig, OptimConfig, TrainSample
 
-# Order of the per-step sums reduced across ranks (see _micro_step).
-_STATS = ("pairs", "loss", "preference_loss", "sft_loss", "acc", "r_chosen", "r_rejected", "r_sq",
-          "chosen_len", "reject_len")
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 
@@ -62,15 +59,11 @@ class TorchBackend:
 
     def train_step(self, samples: Sequence[TrainSample], loss_cfg: LossConfig) -> dict[str, float]:
         """One optimizer step on this rank's share of the global batch; metrics are global."""
-        if not samples:
-            raise ValueError("train_step got no samples")
-        preference = samples[0].rejected_ids is not None
-        if any((s.rejected_ids is not None) != preference for s in samples):
-            raise ValueError("a batch must be all preference pairs or all SFT samples")
+        preference = objective.check_batch(samples)
         self.model.train()
         mb = self.optim_cfg.micro_batch_size
         chunks = [samples[i : i + mb] for i in range(0, len(samples), mb)]
-        sums = torch.zeros(len(_STATS), dtype=torch.float64)
+        sums = torch.zeros(len(objective.STATS), dtype=torch.float64)
         for j, chunk in enumerate(chunks):
             sync_now = j == len(chunks) - 1
             ctx = self.model.no_sync() if (self.world_size > 1 and not sync_now) else contextlib.nullcontext()
@@ -87,41 +80,16 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._all_reduce(sums)
-        return self._metrics(sums, lr, grad_norm, preference, loss_cfg.beta)
+        return objective.step_metrics(sums, lr, grad_norm, preference)
 
     def _micro_step(self, chunk: Sequence[TrainSample], cfg: LossConfig, preference: bool):
-        responses = [s.chosen_ids for s in chunk] + ([s.rejected_ids for s in chunk] if preference else [])
-        prompts = [s.prompt_ids for s in chunk] * (2 if preference else 1)
-        batch = _collate(prompts, responses, self.device)
+        batch = objective.collate(*objective.batch_rows(chunk, preference), self.device)
         token_logp = self._token_logprobs(self.model, batch)
-        n = len(chunk)
-        stats = torch.zeros(len(_STATS), dtype=torch.float64)
-        stats[0] = n
-        sft_avg = losses.reduce_sequence(token_logp[:n], batch["mask"][:n], cfg.sft_average_log_probs)
-        sft = losses.sft_loss(sft_avg)
-        if not preference:
-            total = sft
-            stats[3] = sft.detach().sum()
-        else:
+        ref_logp = None
+        if preference:
             with torch.no_grad():
                 ref_logp = self._token_logprobs(self.reference, batch)
-            ratio = losses.reduce_sequence(token_logp - ref_logp, batch["mask"], cfg.preference_average_log_probs)
-            l_chosen, l_rejected = ratio[:n], ratio[n:]
-            gap = None
-            if all(s.chosen_score is not None and s.rejected_score is not None for s in chunk):
-                gap = torch.tensor([s.chosen_score - s.rejected_score for s in chunk], device=self.device)
-            pref = losses.preference_loss(cfg.preference_loss, l_chosen - l_rejected, cfg.beta, gap,
-                                          cfg.gt_reward_scale)
-            total = cfg.preference_loss_weight * pref + cfg.sft_loss_weight * sft
-            r_c, r_r = (cfg.beta * l_chosen).detach(), (cfg.beta * l_rejected).detach()
-            stats[2] = pref.detach().sum()
-            stats[3] = sft.detach().sum()
-            stats[4] = (l_chosen > l_rejected).sum()
-            stats[5], stats[6] = r_c.sum(), r_r.sum()
-            stats[7] = (r_c.square().sum() + r_r.square().sum())
-            stats[9] = batch["mask"][n:].sum()
-        stats[8] = batch["mask"][:n].sum()
-        stats[1] = total.detach().sum()
+        total, stats = objective.micro_batch_loss(token_logp, ref_logp, batch["mask"], chunk, cfg)
         return total.sum(), stats
 
     @staticmethod
@@ -134,24 +102,6 @@ class TorchBackend:
         max_norm = self.optim_cfg.max_grad_norm if self.optim_cfg.max_grad_norm > 0 else float("inf")
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
-    def _metrics(self, sums: torch.Tensor, lr: float, grad_norm: float, preference: bool, beta: float):
-        s = dict(zip(_STATS, sums.tolist()))
-        n = s["pairs"]
-        out = {"loss": s["loss"] / n, "sft_loss": s["sft_loss"] / n, "grad_norm": grad_norm, "lr": lr,
-               "chosen_lengths": s["chosen_len"] / n, "global_batch_pairs": n}
-        if preference:
-            mean_all = (s["r_chosen"] + s["r_rejected"]) / (2 * n)
-            out.update({
-                "preference_loss": s["preference_loss"] / n,
-                "acc": s["acc"] / n,
-                "rewards_chosen_mean": s["r_chosen"] / n,
-                "rewards_rejected_mean": s["r_rejected"] / n,
-                "rewards_all_mean": mean_all,
-                "rewards_all_std": max(0.0, s["r_sq"] / (2 * n) - mean_all**2) ** 0.5,
-                "reject_lengths": s["reject_len"] / n,
-            })
-        return out
-
     # ---- evaluation -----------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -162,7 +112,7 @@ class TorchBackend:
         mb = max(1, self.optim_cfg.micro_batch_size)
         for i in range(0, len(samples), mb):
             chunk = samples[i : i + mb]
-            batch = _collate([s.prompt_ids for s in chunk], [s.chosen_ids for s in chunk], self.device)
+            batch = objective.collate([s.prompt_ids for s in chunk], [s.chosen_ids for s in chunk], self.device)
             token_logp = self._token_logprobs(self.module, batch)
             sums[0] -= token_logp.sum().double()
             sums[1] += batch["mask"].sum().double()
@@ -175,7 +125,7 @@ class TorchBackend:
         """Per-token log-probs of each response given its prompt, under the policy or the reference."""
         model = self.reference if reference else self.module
         model.eval()
-        batch = _collate(prompts, responses, self.device)
+        batch = objective.collate(prompts, responses, self.device)
         token_logp = self._token_logprobs(model, batch)
         out = []
         for row, mask in zip(token_logp, batch["mask"]):
@@ -262,20 +212,3 @@ class TorchBackend:
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
-
-def _collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], device) -> dict:
-    """Right-padded prompt+response batch; mask marks the positions whose NEXT token is a response token.
-
-    The mask is aligned with labels = input_ids[:, 1:], i.e. mask[b, t] == 1 when input_ids[b, t+1] is
-    part of the response.
-    """
-    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width - 1, dtype=torch.float32)
-    for b, (p, s) in enumerate(zip(prompts, seqs)):
-        input_ids[b, : len(s)] = torch.tensor(s)
-        attention[b, : len(s)] = 1
-        mask[b, len(p) - 1 : len(s) - 1] = 1.0
-    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "mask": mask.to(device)}
