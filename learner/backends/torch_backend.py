@@ -55,6 +55,11 @@ class TorchBackend:
         self.optimizer = self._new_optimizer()
         self.step = 0  # optimizer steps taken since the optimizer was (re)created
 
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(this rank's data-parallel index, data-parallel size): every rank takes its own share."""
+        return self.rank, self.world_size
+
     # ---- training -------------------------------------------------------------------------------------
 
     def train_step(self, samples: Sequence[TrainSample], loss_cfg: LossConfig) -> dict[str, float]:

@@ -41,12 +41,13 @@ from ...export import DEFAULT_BUCKET_BYTES, pack_buckets
 from ...schedule import lr_at
 from ...types import LossConfig, OptimConfig, TrainSample
 from . import convert, hf_checkpoint
-from .cpu_compat import cuda_on_cpu
 from .model import build, layer_spec, model_shape, transformer_config, transformer_engine_available
 
 with warnings.catch_warnings():  # "Apex/Transformer Engine not installed, falling back": expected on CPU
     warnings.simplefilter("ignore")
     from megatron.core import parallel_state, tensor_parallel
+
+    from .cpu_compat import cuda_on_cpu
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -78,6 +79,9 @@ class MegatronBackend:
             raise ValueError(f"{world_size} learner workers do not split into learner.tensor_parallel={tensor_parallel}"
                              f" x learner.pipeline_parallel={pipeline_parallel} model-parallel groups")
         torch.manual_seed(seed)
+        # megatron overlaps tensor-parallel all-reduces with compute only with one CUDA connection (and warns
+        # otherwise); it must be set before CUDA starts in this process.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         self.optim_cfg = optim
         self.rank, self.world_size = rank, world_size
         self.tp, self.pp = tensor_parallel, pipeline_parallel
@@ -104,7 +108,9 @@ class MegatronBackend:
             self.dp_size = parallel_state.get_data_parallel_world_size()
             self.first_stage = parallel_state.is_pipeline_first_stage()
             self.last_stage = parallel_state.is_pipeline_last_stage()
-            spec = layer_spec(self.transformer_engine)
+            with warnings.catch_warnings():  # "Apex is not installed. Falling back to Torch Norm"
+                warnings.simplefilter("ignore")
+                spec = layer_spec(self.transformer_engine)
             policy = self._build(spec)
             self._load(policy, hf_checkpoint.SafetensorsReader(model_dir))
             self.reference = self._build(spec)

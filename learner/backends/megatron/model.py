@@ -139,6 +139,7 @@ def transformer_config(shape: ModelShape, *, tensor_parallel: int, pipeline_para
         attention_softmax_in_fp32=True, masked_softmax_fusion=False, bias_activation_fusion=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        cuda_graph_scope=[],  # no CUDA graphs; the default ("full") only draws a deprecation warning
     )
 
 
