@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from learner.backends import megatron
 from learner.backends.torch_backend import TorchBackend
-from learner.types import LossConfig, OptimConfig, TrainSample
-from megatron_harness import run_ranks
+from learner.types import LossConfig, OptimConfig
+from megatron_harness import megatron_rank, pairs, run_ranks, scenario
 
 pytestmark = pytest.mark.skipif(not megatron.available(), reason=f"needs megatron-core: {megatron.INSTALL_HINT}")
 
@@ -28,6 +29,10 @@ MODELS = {
     "llama": (LlamaForCausalLM, LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                             max_position_embeddings=64, tie_word_embeddings=True)),
+    # sliding-window attention (window 4 < the test sequences), untied output layer
+    "mistral": (MistralForCausalLM, MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                  max_position_embeddings=64, sliding_window=4)),
     # QKV bias, untied output layer
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -37,59 +42,10 @@ LAYOUTS = {  # name: (model, tensor_parallel, pipeline_parallel, world size)
     "llama-tp1": ("llama", 1, 1, 1),
     "llama-tp2": ("llama", 2, 1, 2),
     "llama-pp2": ("llama", 1, 2, 2),
-    "llama-dp2": ("llama", 1, 1, 2),
+    "mistral-dp2": ("mistral", 1, 1, 2),
     "qwen2-tp2": ("qwen2", 2, 1, 2),
 }
-
-
-def pairs(n: int, seed: int) -> list[TrainSample]:
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda k: torch.randint(1, VOCAB, (k,), generator=g).tolist()  # noqa: E731
-    return [TrainSample(rand(3 + i % 3), rand(2 + i % 4), rand(1 + i % 5), 4.0, 1.0) for i in range(n)]
-
-
-def scenario(backend, share, ckpt: str, rng_states) -> dict:
-    """What both backends run. share(batch): this rank's part of a global batch."""
-    batch, batch2 = pairs(4, seed=1), pairs(4, seed=2)
-    prompts, chosen = [s.prompt_ids for s in batch], [s.chosen_ids for s in batch]
-    out = {"logprobs": backend.logprobs(prompts, chosen)}
-    out["step1"] = backend.train_step(share(batch), LOSS)
-    out["policy_after"] = backend.logprobs(prompts, chosen)
-    out["reference_after"] = backend.logprobs(prompts, chosen, reference=True)
-    out["weights"] = {name: t.detach().clone() for name, t in backend.named_weights()}
-    out["sft_nll"] = backend.sft_nll(share(batch))
-    backend.save(ckpt, rng_states(backend))
-    out["step2"] = backend.train_step(share(batch2), LOSS)
-    backend.update_reference()
-    out["updated"] = (backend.logprobs(prompts, chosen), backend.logprobs(prompts, chosen, reference=True))
-    backend.reset_optimizer()
-    out["lr_after_reset"] = backend.train_step(share(batch), LOSS)["lr"]
-    return out
-
-
-def _megatron_rank(rank, world, tp, pp, model_dir, ckpt):
-    import torch.distributed as dist
-
-    from learner.backends.megatron.backend import MegatronBackend
-
-    def all_rng_states(backend):
-        states = [None] * world
-        dist.all_gather_object(states, backend.rng_state())
-        return states
-
-    kwargs = dict(rank=rank, world_size=world, tensor_parallel=tp, pipeline_parallel=pp)
-    backend = MegatronBackend(model_dir, OPTIM, **kwargs)
-    dp_rank, dp_size = backend.data_parallel
-
-    def share(batch):
-        k = len(batch) // dp_size
-        return batch[dp_rank * k : (dp_rank + 1) * k]
-
-    out = scenario(backend, share, ckpt, all_rng_states)
-    resumed = MegatronBackend(ckpt, OPTIM, reference_dir=model_dir, **kwargs)
-    resumed.load_training_state(ckpt)
-    out["resumed_step2"] = resumed.train_step(share(pairs(4, seed=2)), LOSS)
-    return out
+BATCHES = (pairs(4, seed=1, vocab=VOCAB), pairs(4, seed=2, vocab=VOCAB))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +64,7 @@ def torch_runs(model_dirs, tmp_path_factory):
     for name, model_dir in model_dirs.items():
         backend = TorchBackend(model_dir, OPTIM)
         ckpt = str(tmp_path_factory.mktemp(f"torch-{name}") / "ckpt")
-        runs[name] = scenario(backend, lambda b: b, ckpt, lambda be: [be.rng_state()])
+        runs[name] = scenario(backend, lambda b: b, ckpt, lambda be: [be.rng_state()], BATCHES, LOSS)
     return runs
 
 
@@ -116,7 +72,7 @@ def torch_runs(model_dirs, tmp_path_factory):
 def layout(request, model_dirs, tmp_path_factory):
     model, tp, pp, world = LAYOUTS[request.param]
     ckpt = str(tmp_path_factory.mktemp(request.param) / "ckpt")
-    results = run_ranks(_megatron_rank, world, tp, pp, model_dirs[model], ckpt)
+    results = run_ranks(megatron_rank, world, model_dirs[model], ckpt, OPTIM, LOSS, BATCHES, tp, pp)
     return model, ckpt, results, (tp, pp)
 
 

@@ -88,6 +88,8 @@ class MegatronBackend:
         self.device = torch.device(device)
         self.on_gpu = self.device.type == "cuda"
         if self.on_gpu:
+            if self.device.index is None:  # "cuda": the device this process was given (Ray: its only one)
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         _join_process_group(rank, world_size, self.on_gpu)
         self.dtype = getattr(torch, dtype)
@@ -112,6 +114,8 @@ class MegatronBackend:
                 warnings.simplefilter("ignore")
                 spec = layer_spec(self.transformer_engine)
             policy = self._build(spec)
+            self.layer_offset = policy.decoder.layers[0].layer_number - 1  # global index of this stage's first layer
+            self.layers_here = len(policy.decoder.layers)
             self._load(policy, hf_checkpoint.SafetensorsReader(model_dir))
             self.reference = self._build(spec)
             if reference_dir is None:
@@ -319,10 +323,7 @@ class MegatronBackend:
     def _build(self, spec):
         config = transformer_config(self.shape, tensor_parallel=self.tp, pipeline_parallel=self.pp,
                                     dtype=self.dtype, on_gpu=self.on_gpu)
-        module = build(self.shape, config, spec, pre_process=self.first_stage, post_process=self.last_stage)
-        self.layer_offset = module.decoder.layers[0].layer_number - 1
-        self.layers_here = len(module.decoder.layers)
-        return module
+        return build(self.shape, config, spec, pre_process=self.first_stage, post_process=self.last_stage)
 
     def _local_names(self, rule: convert.Rule) -> list[str]:
         """Names of this stage's parameters that hold `rule` (a tied embedding has a copy on the last stage)."""
