@@ -81,7 +81,9 @@ def matmul_ceiling_tflops(n: int = 8192, repeats: int = 20) -> float:
 
 def build_model_dir(root: Path, shape: dict, gpu: bool) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     torch.manual_seed(0)
     with torch.device("cuda" if gpu else "cpu"):
         model = LlamaForCausalLM(LlamaConfig(**shape))
@@ -182,10 +184,11 @@ def main() -> None:
               f"{'TFLOP/s/GPU':>11}  {'MFU (989)':>9}  {'MFU (matmul)':>12}")
     print(header)
     print("-" * len(header))
+    per_gpu = f"{tflops:.1f}" if gpu else "-"  # a CPU run only checks that the script works
     mfu_peak = f"{100 * tflops / H200_BF16_DENSE_TFLOPS:.1f}%" if gpu else "-"
     mfu_ceiling = f"{100 * tflops / ceiling:.1f}%" if ceiling else "-"
     print(f"{'megatron':>9}  {args.tp:>2}  {f'{args.micro_batch} pairs':>11}  {args.seq_len:>7}  "
-          f"{tokens_per_s:>9,.0f}  {1e3 * step_s:>8.1f}  {tflops:>11.1f}  {mfu_peak:>9}  {mfu_ceiling:>12}")
+          f"{tokens_per_s:>9,.0f}  {1e3 * step_s:>8.1f}  {per_gpu:>11}  {mfu_peak:>9}  {mfu_ceiling:>12}")
     device = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if gpu else "CPU"
     print(f"hardware: {device}; torch {torch.__version__} (CUDA {torch.version.cuda}); megatron-core "
           f"{version('megatron-core')}" + (f"; measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s" if ceiling else "")

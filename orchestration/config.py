@@ -371,7 +371,8 @@ def _validate_learner_layout(learner: LearnerConfig, workers: int) -> int:
         raise ConfigError(f"learner.backend=megatron needs megatron-core, which is not installed: "
                           f"{megatron.INSTALL_HINT}")
     if learner.dtype == "float16":
-        raise ConfigError("learner.dtype=float16 is not supported with learner.backend=megatron: use bfloat16 or float32")
+        raise ConfigError("learner.dtype=float16 is not supported with learner.backend=megatron: "
+                          "use bfloat16 or float32")
     if workers % (tp * pp):
         raise ConfigError(f"cluster.learner.workers={workers} must be divisible by learner.tensor_parallel * "
                           f"learner.pipeline_parallel = {tp} * {pp}")

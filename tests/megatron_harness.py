@@ -77,8 +77,10 @@ def pairs(n: int, seed: int, vocab: int, length: int = 1) -> list:
 
 
 def scenario(backend, share, ckpt: str, rng_states, batches, loss) -> dict:
-    """Log-probs, a DPO step, export, sft_nll, save, a second step, reference update, optimizer reset.
-    share(batch): this rank's part of a global batch; rng_states(backend): every rank's RNG states."""
+    """Log-probs, a DPO step, export, sft_nll, save, a second step, reference update, optimizer reset, an
+    SFT step. share(batch): this rank's part of a global batch; rng_states(backend): every rank's RNG states."""
+    from learner.types import LossConfig, TrainSample
+
     batch, batch2 = batches
     prompts, chosen = [s.prompt_ids for s in batch], [s.chosen_ids for s in batch]
     out = {"logprobs": backend.logprobs(prompts, chosen)}
@@ -93,6 +95,8 @@ def scenario(backend, share, ckpt: str, rng_states, batches, loss) -> dict:
     out["updated"] = (backend.logprobs(prompts, chosen), backend.logprobs(prompts, chosen, reference=True))
     backend.reset_optimizer()
     out["lr_after_reset"] = backend.train_step(share(batch), loss)["lr"]
+    sft = [TrainSample(s.prompt_ids, s.chosen_ids) for s in batch2]  # supervised samples: no rejected, no reference
+    out["sft_step"] = backend.train_step(share(sft), LossConfig(preference_loss_weight=0.0, sft_loss_weight=1.0))
     return out
 
 

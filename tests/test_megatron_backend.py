@@ -90,16 +90,17 @@ def test_logprobs_match_torch_before_and_after_a_step(layout, torch_runs):
     assert not close(ours["policy_after"], ours["logprobs"], 1e-3)  # the policy did
 
 
-def test_dpo_step_loss_grad_norm_and_metrics_match_torch(layout, torch_runs):
+def test_dpo_and_sft_steps_loss_grad_norm_and_metrics_match_torch(layout, torch_runs):
     model, _, results, _ = layout
     ours, ref = results[0], torch_runs[model]
-    for step in ("step1", "step2"):
+    for step in ("step1", "step2", "sft_step"):
         assert set(ours[step]) == set(ref[step])
         assert ours[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5)
         assert ours[step]["grad_norm"] == pytest.approx(ref[step]["grad_norm"], rel=1e-5)
         for key, value in ref[step].items():
             assert ours[step][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (step, key)
     assert ours["step1"]["preference_loss"] == pytest.approx(math.log(2))  # pi == pi_ref at the first step
+    assert "preference_loss" not in ours["sft_step"] and ours["sft_step"]["loss"] == ours["sft_step"]["sft_loss"]
     assert ours["sft_nll"] == pytest.approx(ref["sft_nll"], rel=1e-5)
 
 

@@ -46,8 +46,10 @@ def test_fused_qkv_holds_each_group_queries_then_key_then_value():
     config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=2)
     shape = model_shape(config, tensor_parallel=2)
-    head = lambda first, n: torch.arange(first, first + n).repeat_interleave(2)[:, None].float().expand(-1, 8)  # noqa: E731
-    hf = {"q": head(10, 4), "k": head(20, 2), "v": head(30, 2)}  # row value = head label, head_dim rows per head
+    def head(first, n):  # head_dim (2) rows per head, each holding the head's label
+        return torch.arange(first, first + n).repeat_interleave(2)[:, None].float().expand(-1, 8)
+
+    hf = {"q": head(10, 4), "k": head(20, 2), "v": head(30, 2)}
     rule = next(r for r in convert.rules(shape, False) if r.megatron.endswith("linear_qkv.weight"))
     fused = convert.to_megatron(rule, lambda name: hf[name.split(".")[-2][0]], shape)
     labels = fused[::2, 0].tolist()  # one row per head

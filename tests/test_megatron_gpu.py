@@ -75,12 +75,12 @@ def test_bf16_logprobs_match_torch(layout, torch_run):
 
 def test_bf16_dpo_step_loss_and_grad_norm_match_torch(layout, torch_run):
     _, results = layout
-    for step in ("step1", "step2"):
+    for step in ("step1", "step2", "sft_step"):
         ours, ref = results[0][step], torch_run[step]
         assert set(ours) == set(ref)
         assert ours["loss"] == pytest.approx(ref["loss"], rel=2e-2), step
         assert ours["grad_norm"] == pytest.approx(ref["grad_norm"], rel=5e-2), step
-        assert ours["acc"] == pytest.approx(ref["acc"], abs=0.25), step
+        assert ours.get("acc", 0) == pytest.approx(ref.get("acc", 0), abs=0.25), step
     for other in results[1:]:
         assert other["step1"] == results[0]["step1"]
 

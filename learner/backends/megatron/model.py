@@ -89,7 +89,8 @@ def _rope(hf_config) -> tuple[float, float | None]:
         raise ValueError(f"RoPE type {rope_type!r} is not supported by the megatron backend (default, llama3)")
     for key, value in _LLAMA3_FIXED.items():
         if float(params.get(key, value)) != value:
-            raise ValueError(f"llama3 RoPE with {key}={params[key]} is not supported: megatron-core fixes it to {value}")
+            raise ValueError(f"llama3 RoPE with {key}={params[key]} is not supported: "
+                             f"megatron-core fixes it to {value}")
     return theta, float(params["factor"])
 
 
