@@ -186,8 +186,10 @@ class ClusterConfig:
 
 @dataclass
 class LearnerConfig:
-    backend: str = "torch"
+    backend: str = "torch"  # torch (data parallel) | megatron (tensor x pipeline x data parallel)
     dtype: str = "float32"
+    tensor_parallel: int = 1  # megatron only: cluster.learner.workers = tensor x pipeline x data parallel
+    pipeline_parallel: int = 1
     optim: OptimSchema = field(default_factory=OptimSchema)
 
 
@@ -237,7 +239,7 @@ CHOICES = {
     "data.on_bad_line": ("error", "skip"),
     "data.on_long_prompt": ("drop", "truncate_left"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
-    "learner.backend": ("torch",),
+    "learner.backend": ("torch", "megatron"),
     "learner.optim.schedule": ("cosine", "constant"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "cluster.generators.strategy": PLACEMENT_STRATEGIES,
@@ -309,10 +311,16 @@ def validate(cfg: Config) -> None:
     workers = cfg.cluster.learner.workers
     if workers < 1:
         raise ConfigError(f"cluster.learner.workers must be >= 1, got {workers}")
-    if a.global_batch_size % (a.micro_batch_size * workers):
+    data_parallel = _validate_learner_layout(cfg.learner, workers)
+    if a.global_batch_size % (a.micro_batch_size * data_parallel):
+        if data_parallel == workers:
+            raise ConfigError(
+                f"algorithm.global_batch_size={a.global_batch_size} must be divisible by "
+                f"algorithm.micro_batch_size * cluster.learner.workers = {a.micro_batch_size} * {workers}")
         raise ConfigError(
-            f"algorithm.global_batch_size={a.global_batch_size} must be divisible by "
-            f"algorithm.micro_batch_size * cluster.learner.workers = {a.micro_batch_size} * {workers}")
+            f"algorithm.global_batch_size={a.global_batch_size} must be divisible by algorithm.micro_batch_size * "
+            f"data-parallel learner ranks = {a.micro_batch_size} * {data_parallel} (cluster.learner.workers={workers}"
+            f" / (learner.tensor_parallel * learner.pipeline_parallel))")
     if a.preference_loss_weight == 0 and a.sft_loss_weight == 0:
         raise ConfigError("algorithm.preference_loss_weight and algorithm.sft_loss_weight are both 0: nothing to train")
     _check_per_iteration("ref_policy_kl_penalty", a.ref_policy_kl_penalty, a.max_iterations, lambda v: v > 0, "> 0")
@@ -348,6 +356,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face checkpoint directory (no config.json)")
     if cfg.model.path is not None and cfg.data.train_file is None:
         raise ConfigError("data.train_file is required with model.path (the toy data only fits the toy model)")
+
+
+def _validate_learner_layout(learner: LearnerConfig, workers: int) -> int:
+    """Check the learner's parallel layout; returns the number of data-parallel ranks."""
+    tp, pp = learner.tensor_parallel, learner.pipeline_parallel
+    for key, value in (("tensor_parallel", tp), ("pipeline_parallel", pp)):
+        if value < 1:
+            raise ConfigError(f"learner.{key} must be >= 1, got {value}")
+    if learner.backend == "torch":
+        if tp * pp > 1:
+            raise ConfigError(f"learner.tensor_parallel={tp} and learner.pipeline_parallel={pp} need "
+                              "learner.backend=megatron (the torch backend is data parallel only)")
+        return workers
+    from learner.backends import megatron
+
+    if not megatron.available():
+        raise ConfigError(f"learner.backend=megatron needs megatron-core, which is not installed: "
+                          f"{megatron.INSTALL_HINT}")
+    if learner.dtype == "float16":
+        raise ConfigError("learner.dtype=float16 is not supported with learner.backend=megatron: "
+                          "use bfloat16 or float32")
+    if workers % (tp * pp):
+        raise ConfigError(f"cluster.learner.workers={workers} must be divisible by learner.tensor_parallel * "
+                          f"learner.pipeline_parallel = {tp} * {pp}")
+    return workers // (tp * pp)
 
 
 def _validate_spin(a: AlgorithmConfig) -> None:

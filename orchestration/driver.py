@@ -351,6 +351,8 @@ def _specs(cfg: Config, weights: _Weights):
                       sampling=sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling)),
                       reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
                       score_high=cfg.judge.score_high, chat_template=chat_template)
+    if cfg.learner.backend == "megatron":
+        _check_megatron_layout(weights.policy, cfg)
     o = cfg.learner.optim
     optim = OptimConfig(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
                         warmup_steps=o.warmup_steps, schedule=o.schedule, decay_steps=_decay_steps(cfg),
@@ -358,8 +360,21 @@ def _specs(cfg: Config, weights: _Weights):
     learner = LearnerSpec(model_dir=weights.policy, optim=optim, workers=c.learner.workers,
                           num_cpus=c.learner.num_cpus, num_gpus=c.learner.num_gpus, dtype=cfg.learner.dtype,
                           seed=cfg.seed, backend=cfg.learner.backend, reference_dir=weights.reference,
-                          resume_dir=weights.learner_state)
+                          resume_dir=weights.learner_state, tensor_parallel=cfg.learner.tensor_parallel,
+                          pipeline_parallel=cfg.learner.pipeline_parallel)
     return gen_engine, judge_engine, judge, learner
+
+
+def _check_megatron_layout(model_dir: str, cfg: Config) -> None:
+    """The model must split the way the learner layout asks (kv heads over tensor ranks, layers over stages)."""
+    from transformers import AutoConfig
+
+    from learner.backends.megatron.model import model_shape
+
+    try:
+        model_shape(AutoConfig.from_pretrained(model_dir), cfg.learner.tensor_parallel, cfg.learner.pipeline_parallel)
+    except ValueError as e:
+        raise ConfigError(f"{model_dir}: {e}") from None
 
 
 def _decay_steps(cfg: Config) -> int:

@@ -82,8 +82,9 @@ class CollectiveRefit:
         elif bucket_bytes != self.bucket_bytes:
             self._lay_out(bucket_bytes)
         engines = self.engines
-        refs = [self.pools.learner.send_weights()] + [pool.call(i, "receive_weights", version) for pool, i in engines]
-        loaded = self._gather(refs, f"the refit to version {version}")[1:]
+        sends = self.pools.learner.send_weights()
+        refs = sends + [pool.call(i, "receive_weights", version) for pool, i in engines]
+        loaded = self._gather(refs, f"the refit to version {version}")[len(sends):]
         for (pool, i), got in zip(engines, loaded):
             if got != version:
                 raise RuntimeError(f"refit of {pool.name} replica {i} to version {version} failed: it reports {got}")

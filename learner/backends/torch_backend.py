@@ -36,14 +36,12 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, A
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging as hf_logging
 
-from .. import losses
+from .. import losses, objective
 from ..export import DEFAULT_BUCKET_BYTES, pack_buckets
 from ..schedule import lr_at
 from ..types import LossConfig, OptimConfig, TrainSample
 
 # Order of the per-step sums reduced across ranks (see _micro_step).
-_STATS = ("pairs", "loss", "preference_loss", "sft_loss", "acc", "r_chosen", "r_rejected", "r_sq",
-          "chosen_len", "reject_len")
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 DTYPES = ("float32", "bfloat16")
@@ -109,6 +107,11 @@ class TorchBackend:
         self.optimizer = self._new_optimizer()
         self.step = 0  # optimizer steps taken since the optimizer was (re)created
 
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(this rank's data-parallel index, data-parallel size): every rank takes its own share."""
+        return self.rank, self.world_size
+
     def _load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
         causal = AutoConfig.from_pretrained(path).model_type in _CAUSAL_ATTENTION_MODELS
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
@@ -124,21 +127,17 @@ class TorchBackend:
         """One optimizer step on this rank's share of the global batch; metrics are global."""
         sums, grad_norm, lr, preference = self._step(samples, loss_cfg)
         values = torch.cat([sums, grad_norm.reshape(1).to(sums.dtype)]).tolist()  # the step's one host sync
-        return self._metrics(values[:-1], lr, values[-1], preference, loss_cfg.beta)
+        return objective.step_metrics(values[:-1], lr, values[-1], preference)
 
     def _step(self, samples: Sequence[TrainSample], loss_cfg: LossConfig):
         """The step's device work, queued without waiting on the device: (stat sums, grad norm) stay tensors."""
-        if not samples:
-            raise ValueError("train_step got no samples")
-        preference = samples[0].rejected_ids is not None
-        if any((s.rejected_ids is not None) != preference for s in samples):
-            raise ValueError("a batch must be all preference pairs or all SFT samples")
+        preference = objective.check_batch(samples)
         self.model.train()
         if self.master is not None:
             self.master.zero_grad()
         mb = self.optim_cfg.micro_batch_size
         chunks = [samples[i : i + mb] for i in range(0, len(samples), mb)]
-        sums = torch.zeros(len(_STATS), dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(objective.STATS), dtype=torch.float64, device=self.device)
         ddp = self.model is not self.policy
         for j, chunk in enumerate(chunks):
             sync_now = j == len(chunks) - 1
@@ -164,40 +163,13 @@ class TorchBackend:
         return sums, grad_norm, lr, preference
 
     def _micro_step(self, chunk: Sequence[TrainSample], cfg: LossConfig, preference: bool):
-        responses = [s.chosen_ids for s in chunk] + ([s.rejected_ids for s in chunk] if preference else [])
-        prompts = [s.prompt_ids for s in chunk] * (2 if preference else 1)
-        batch = _collate(prompts, responses, self.device)
+        batch = _collate(*objective.batch_rows(chunk, preference), self.device)
         token_logp = _token_logprobs(self.model, batch)
-        n = len(chunk)
-        total_of = lambda t: t.detach().sum().to(torch.float64)  # noqa: E731
-        # Built from device tensors (never a Python number written into a CUDA tensor: that copy would block).
-        stats = {"pairs": torch.full((), n, dtype=torch.float64, device=self.device),
-                 "chosen_len": total_of(batch["mask"][:n])}
-        sft_avg = losses.reduce_sequence(token_logp[:n], batch["mask"][:n], cfg.sft_average_log_probs)
-        sft = losses.sft_loss(sft_avg)
-        stats["sft_loss"] = total_of(sft)
-        if not preference:
-            total = sft
-        else:
-            # Chosen and rejected ran as one batch above; the reference runs the same batch.
+        ref_logp = None
+        if preference:  # chosen and rejected ran as one batch above; the reference runs the same batch
             with torch.no_grad():
                 ref_logp = _token_logprobs(self.reference_logprobs, batch)
-            ratio = losses.reduce_sequence(token_logp - ref_logp, batch["mask"], cfg.preference_average_log_probs)
-            l_chosen, l_rejected = ratio[:n], ratio[n:]
-            gap = None
-            if all(s.chosen_score is not None and s.rejected_score is not None for s in chunk):
-                gap = _to_device(torch.tensor([s.chosen_score - s.rejected_score for s in chunk]), self.device)
-            pref = losses.preference_loss(cfg.preference_loss, l_chosen - l_rejected, cfg.beta, gap,
-                                          cfg.gt_reward_scale)
-            total = cfg.preference_loss_weight * pref + cfg.sft_loss_weight * sft
-            r_c, r_r = (cfg.beta * l_chosen).detach(), (cfg.beta * l_rejected).detach()
-            stats.update(preference_loss=total_of(pref), acc=total_of(l_chosen > l_rejected),
-                         r_chosen=total_of(r_c), r_rejected=total_of(r_r),
-                         r_sq=total_of(r_c.square().sum() + r_r.square().sum()),
-                         reject_len=total_of(batch["mask"][n:]))
-        stats["loss"] = total_of(total)
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
-        stats = torch.stack([stats.get(k, zero) for k in _STATS])
+        total, stats = objective.micro_batch_loss(token_logp, ref_logp, batch["mask"], chunk, cfg)
         return total.sum(), stats
 
     def _clip_gradients(self) -> torch.Tensor:
@@ -206,24 +178,6 @@ class TorchBackend:
             return self.master.clip_gradients(max_norm)
         params = [p for p in self.module.parameters() if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-
-    def _metrics(self, sums: list[float], lr: float, grad_norm: float, preference: bool, beta: float):
-        s = dict(zip(_STATS, sums))
-        n = s["pairs"]
-        out = {"loss": s["loss"] / n, "sft_loss": s["sft_loss"] / n, "grad_norm": grad_norm, "lr": lr,
-               "chosen_lengths": s["chosen_len"] / n, "global_batch_pairs": n}
-        if preference:
-            mean_all = (s["r_chosen"] + s["r_rejected"]) / (2 * n)
-            out.update({
-                "preference_loss": s["preference_loss"] / n,
-                "acc": s["acc"] / n,
-                "rewards_chosen_mean": s["r_chosen"] / n,
-                "rewards_rejected_mean": s["r_rejected"] / n,
-                "rewards_all_mean": mean_all,
-                "rewards_all_std": max(0.0, s["r_sq"] / (2 * n) - mean_all**2) ** 0.5,
-                "reject_lengths": s["reject_len"] / n,
-            })
-        return out
 
     # ---- evaluation -----------------------------------------------------------------------------------
 
