@@ -56,8 +56,9 @@ def torch_run(model_dir, tmp_path_factory):
 def layout(request, model_dir, tmp_path_factory, torch_run):
     tp, pp, world = LAYOUTS[request.param]
     ckpt = str(tmp_path_factory.mktemp(f"gpu_{request.param}") / "ckpt")
-    return ckpt, run_ranks(megatron_rank, world, model_dir, ckpt, OPTIM, LOSS, BATCHES, tp, pp, gpu=True,
-                           dtype="bfloat16")
+    # megatron_rank's own gpu and dtype go positionally; run_ranks' gpu=True gives each rank its device.
+    return ckpt, run_ranks(megatron_rank, world, model_dir, ckpt, OPTIM, LOSS, BATCHES, tp, pp, True, "bfloat16",
+                           gpu=True)
 
 
 def max_diff(a: list[list[float]], b: list[list[float]]) -> float:

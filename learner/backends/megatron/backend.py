@@ -323,7 +323,10 @@ class MegatronBackend:
     def _build(self, spec):
         config = transformer_config(self.shape, tensor_parallel=self.tp, pipeline_parallel=self.pp,
                                     dtype=self.dtype, on_gpu=self.on_gpu)
-        return build(self.shape, config, spec, pre_process=self.first_stage, post_process=self.last_stage)
+        model = build(self.shape, config, spec, pre_process=self.first_stage, post_process=self.last_stage)
+        # megatron's parallel layers allocate on the current device, but the local spec's norms (torch's
+        # RMSNorm) are built on the CPU: megatron's own training loop moves the model, so must we.
+        return model.to(self.device) if self.on_gpu else model
 
     def _local_names(self, rule: convert.Rule) -> list[str]:
         """Names of this stage's parameters that hold `rule` (a tied embedding has a copy on the last stage)."""
