@@ -52,7 +52,9 @@ def test_bf16_logprobs_agree_with_float32(model_dir):
     assert got.shape == want.shape and torch.isfinite(got).all()
     assert rel(got, want) < 1e-2
     reference = torch.tensor([x for row in bf16.logprobs(prompts, responses, reference=True) for x in row])
-    assert torch.equal(reference, got)  # the reference is the same bf16 model until the policy steps
+    # The reference is a copy of the same bf16 model until the policy steps. Seen on an H200: equal to rounding
+    # but not bit for bit (the two copies' kernels need not reduce in the same order).
+    assert rel(reference, got) < 1e-4
 
 
 def test_bf16_dpo_step_agrees_with_float32(model_dir):

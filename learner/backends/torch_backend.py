@@ -66,8 +66,8 @@ def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(_CAUSAL_SDPA, _causal_sdpa)
 
 # SDPA kernels in order of preference on CUDA. Flash first: policy (training) and reference (no-grad) forwards then
-# run the same kernel and give bit-identical log-probs at an iteration's start; cuDNN, which torch may prefer on
-# Hopper, need not round its training and inference forwards alike.
+# run the same kernel and agree to rounding at an iteration's start (measured on an H200: not bit for bit);
+# cuDNN, which torch may prefer on Hopper, need not round its training and inference forwards alike.
 _SDPA_PRIORITY = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                   SDPBackend.MATH]
 

@@ -12,9 +12,9 @@ named_weights, export_buckets, rng_state, save, load_training_state), with these
   the DPO-family losses see both; the loss is computed on the last stage from vocabulary-parallel
   log-softmax (megatron's `vocab_parallel_cross_entropy`): full logits are never gathered.
 - Gradients go through megatron's DistributedDataParallel and finalize_model_grads (data-parallel
-  all-reduce, tied-embedding sync between first and last stage). The optimizer is megatron's: its
-  distributed optimizer on GPUs (fp32 main weights and Adam moments sharded over data parallel ranks), its
-  plain fp32 Adam on CPU (the distributed optimizer only accepts CUDA tensors).
+  all-reduce, tied-embedding sync between first and last stage). The optimizer is megatron's plain one
+  (fp32 main weights and Adam moments, not sharded): its distributed optimizer's checkpoint state gather
+  failed on an H200 with megatron-core 0.16.1 (see __init__).
 - Hugging Face weights are converted in on load (each rank reads only its slices) and out on export and
   save (gathered over tensor-parallel ranks, sent from later stages to rank 0): see convert.py.
 - Collective methods (everything that touches weights or runs the model) must be called on every rank.
@@ -123,7 +123,10 @@ class MegatronBackend:
             else:  # resuming mid-iteration: the reference is the iteration-start weights, not the policy's
                 self._load(self.reference, hf_checkpoint.SafetensorsReader(reference_dir))
             self.reference.requires_grad_(False)
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=self.on_gpu)
+            # Not megatron's distributed optimizer: on an H200 (megatron-core 0.16.1) gathering its state for a
+            # checkpoint (get_parameter_state_dp_zero) failed with a size mismatch. The plain optimizer keeps
+            # the same float32 main weights; it does not shard them over data-parallel ranks.
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
             self.model = DistributedDataParallel(config=policy.config, ddp_config=ddp_config, module=policy)
             policy.config.no_sync_func = self.model.no_sync
             policy.config.finalize_model_grads_func = finalize_model_grads
@@ -424,7 +427,7 @@ class MegatronBackend:
         config = OptimizerConfig(
             optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay, adam_beta1=c.betas[0],
             adam_beta2=c.betas[1], adam_eps=c.eps, clip_grad=0.0, bf16=self.dtype == torch.bfloat16,
-            params_dtype=self.dtype, use_distributed_optimizer=self.on_gpu)
+            params_dtype=self.dtype, use_distributed_optimizer=False)  # see the DDP config in __init__
         # config_overrides={} decays every parameter, norms included, as the torch backend's AdamW does.
         return get_megatron_optimizer(config, [self.model], config_overrides={})
 
