@@ -327,9 +327,11 @@ class MegatronBackend:
         config = transformer_config(self.shape, tensor_parallel=self.tp, pipeline_parallel=self.pp,
                                     dtype=self.dtype, on_gpu=self.on_gpu)
         model = build(self.shape, config, spec, pre_process=self.first_stage, post_process=self.last_stage)
-        # megatron's parallel layers allocate on the current device, but the local spec's norms (torch's
-        # RMSNorm) are built on the CPU: megatron's own training loop moves the model, so must we.
-        return model.to(self.device) if self.on_gpu else model
+        # megatron's parallel layers allocate in params_dtype on the current device, but the local spec's norms
+        # (torch's RMSNorm) are built in float32 on the CPU (unfused next to bf16 activations, and a float32
+        # tensor among bf16 ones in checkpoints). Megatron-LM's training loop moves and casts the model; so
+        # must we.
+        return model.to(device=self.device, dtype=self.dtype)
 
     def _local_names(self, rule: convert.Rule) -> list[str]:
         """Names of this stage's parameters that hold `rule` (a tied embedding has a copy on the last stage)."""
