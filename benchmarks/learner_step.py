@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import statistics
 import sys
 import tempfile
@@ -190,6 +191,7 @@ def main() -> None:
                 print(f"{dtype} micro-batch {mb}: step ms {[round(t * 1e3, 1) for t in times]}, "
                       f"losses {[round(x, 4) for x in losses]}", flush=True)
             del backend
+            gc.collect()  # the backend's modules hold reference cycles: free its GPU memory before the next one
             if device == "cuda":
                 torch.cuda.empty_cache()
 

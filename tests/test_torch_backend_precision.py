@@ -77,6 +77,7 @@ def test_bf16_model_computes_with_rounded_masters_and_the_masters_move(model_dir
     for p, m in zip(backend.module.parameters(), backend.master.params):
         assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
         assert torch.equal(p, m.detach().to(torch.bfloat16))
+        assert (p.data_ptr() - backend.master.flat_model.data_ptr()) % 512 == 0  # matmul kernels see aligned weights
 
 
 def test_bf16_step_agrees_with_float32(model_dir):

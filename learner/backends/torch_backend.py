@@ -53,6 +53,7 @@ _PLAIN_RMSNORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
 # Architectures whose attention is exactly causal (no sliding window): they run _causal_sdpa.
 _CAUSAL_ATTENTION_MODELS = frozenset({"llama"})
 _CAUSAL_SDPA = "selfreward_causal_sdpa"
+_FLAT_ALIGN = 256  # elements; see _MasterWeights
 
 
 def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
@@ -65,11 +66,19 @@ def _causal_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 AttentionInterface.register(_CAUSAL_SDPA, _causal_sdpa)
 
-# SDPA kernels in order of preference on CUDA. Flash first: policy (training) and reference (no-grad) forwards then
-# run the same kernel and agree to rounding at an iteration's start (measured on an H200: not bit for bit);
-# cuDNN, which torch may prefer on Hopper, need not round its training and inference forwards alike.
-_SDPA_PRIORITY = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                  SDPBackend.MATH]
+# SDPA kernels in order of preference on CUDA, with whether each is enabled now. Flash first: policy (training)
+# and reference (no-grad) forwards then run the same kernel and agree to rounding at an iteration's start
+# (measured on an H200: not bit for bit); cuDNN, which torch may prefer on Hopper, need not round its training
+# and inference forwards alike.
+_SDPA_PRIORITY = [(SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+                  (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+                  (SDPBackend.CUDNN_ATTENTION, torch.backends.cuda.cudnn_sdp_enabled),
+                  (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled)]
+
+
+def _sdpa_priority():
+    """Our kernel preference among the SDPA backends enabled now (a caller's restriction stays in force)."""
+    return sdpa_kernel([b for b, enabled in _SDPA_PRIORITY if enabled()], set_priority=True)
 
 
 class TorchBackend:
@@ -309,18 +318,25 @@ class _MasterWeights:
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
         self.model_params = list(model.parameters())  # tied weights appear once
-        self.flat = torch.cat([p.detach().reshape(-1).float() for p in self.model_params])
-        self.flat_grad = torch.zeros_like(self.flat)
-        self.flat_model = self.flat.to(dtype)
-        self.params: list[torch.nn.Parameter] = []
-        offset = 0
+        # Each weight starts on a 256-element boundary (512 bytes in bf16, as the caching allocator aligns its
+        # blocks): matmul kernels are chosen by pointer alignment. The gaps stay zero in weights and gradients.
+        offsets, total = [], 0
         for p in self.model_params:
+            offsets.append(total)
+            total += -(-p.numel() // _FLAT_ALIGN) * _FLAT_ALIGN
+        device = self.model_params[0].device
+        self.flat = torch.zeros(total, dtype=torch.float32, device=device)
+        self.flat_grad = torch.zeros_like(self.flat)
+        self.flat_model = torch.zeros(total, dtype=dtype, device=device)
+        self.params: list[torch.nn.Parameter] = []
+        for p, offset in zip(self.model_params, offsets):
             n = p.numel()
+            self.flat[offset : offset + n].copy_(p.detach().reshape(-1))
             master = torch.nn.Parameter(self.flat[offset : offset + n].view_as(p))
             master.grad = self.flat_grad[offset : offset + n].view_as(p)
+            self.flat_model[offset : offset + n].copy_(master.detach().reshape(-1))
             p.data = self.flat_model[offset : offset + n].view_as(p)
             self.params.append(master)
-            offset += n
 
     def track_gradients(self) -> None:
         for p, master in zip(self.model_params, self.params):
@@ -378,8 +394,7 @@ class _ResponseLogprobs(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # No attention mask: the batch is right-padded, so under the causal mask no real token sees a pad.
-        attention = sdpa_kernel(_SDPA_PRIORITY, set_priority=True) if input_ids.is_cuda else contextlib.nullcontext()
-        with attention:
+        with _sdpa_priority() if input_ids.is_cuda else contextlib.nullcontext():
             if self.split_head:  # the head only on the rows the loss uses (prompt positions are skipped)
                 hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
                 logits = self.lm.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, rows))
