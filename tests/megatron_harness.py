@@ -8,6 +8,7 @@ through files: tensors cannot cross a queue once their process has exited).
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 import time
@@ -28,6 +29,7 @@ def _free_port() -> int:
 def _rank_main(rank: int, world: int, port: int, gpu: bool, out: str, fn, args) -> None:
     torch.set_num_threads(1)
     if gpu:
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # megatron's setting, read when CUDA starts
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
