@@ -190,7 +190,7 @@ def main() -> None:
                 rows.append((dtype, mb, pairs, tokens, times, flops, flops_6nt, peak))
                 print(f"{dtype} micro-batch {mb}: step ms {[round(t * 1e3, 1) for t in times]}, "
                       f"losses {[round(x, 4) for x in losses]}", flush=True)
-            del backend
+            backend = None
             gc.collect()  # the backend's modules hold reference cycles: free its GPU memory before the next one
             if device == "cuda":
                 torch.cuda.empty_cache()

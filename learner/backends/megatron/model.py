@@ -7,6 +7,8 @@ local layer spec (torch layers) otherwise.
 
 from __future__ import annotations
 
+import importlib
+
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +105,7 @@ def _sliding_window(hf_config) -> int | None:
 
 def transformer_engine_available() -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module("transformer_engine")  # imported, not just found: a broken install counts as absent
     except ImportError:
         return False
     return True
