@@ -3,7 +3,8 @@
 megatron-core 0.16.1 treats "the current CUDA device" as the home of every tensor it allocates itself. On the
 code paths this backend uses, that assumption appears in the four ways below. (Two more CUDA-only pieces are
 avoided rather than patched: the gradient clipping asserts CUDA gradients, so the backend clips itself, and
-the distributed optimizer accepts only CUDA parameters, so on CPU the backend uses megatron's fp32 optimizer.)
+the distributed optimizer accepts only CUDA parameters; the backend uses megatron's plain optimizer on CPU and
+GPU alike, see backend.py.)
 
 1. `torch.cuda.current_device()` as a `device=` argument: the global memory buffer that holds the attention
    scores (`parallel_state.get_global_memory_buffer()`), the pipeline's receive buffers
