@@ -79,11 +79,18 @@ def test_ray_job_submit_runs_the_toy_self_rewarding(ray_head, toy_ready, tmp_pat
     entry = [sys.executable, "-m", "orchestration.main", "cluster.address=auto", f"output_dir={out}",
              f"model.toy.cache_dir={toy_ready}", *TOY_TEST_OVERRIDES, *SHORT_RUN]
     runtime_env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "WANDB_SILENT": "true"}}
-    submit = subprocess.run(
-        [*RAY_CLI, "job", "submit", "--address", address, "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime_env), "--", *entry],
-        env=env, capture_output=True, text=True, timeout=900)
-    log = submit.stdout + submit.stderr
+    deadline = time.monotonic() + 120
+    while True:
+        submit = subprocess.run(
+            [*RAY_CLI, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps(runtime_env), "--", *entry],
+            env=env, capture_output=True, text=True, timeout=900)
+        log = submit.stdout + submit.stderr
+        # The job API answers before the head's dashboard agent has registered (slow on a loaded machine);
+        # until then Ray refuses submissions with "No available agent ... try again later".
+        if submit.returncode == 0 or "No available agent" not in log or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert submit.returncode == 0, log[-4000:]
     job_id = next(w.strip("'") for line in log.splitlines() if "submitted successfully" in line
                   for w in line.split() if w.strip("'").startswith("raysubmit_"))
