@@ -25,9 +25,14 @@ SHORT_RUN = ["algorithm.max_iterations=1", "algorithm.limit_train_batches=2", "a
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port outside Ray's default worker ports (10002-19999), which `ray start` refuses to
+    give to another component."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not 10002 <= port <= 19999:
+            return port
 
 
 @pytest.fixture(scope="module")
