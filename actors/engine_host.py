@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import ray
 import torch
 
-from .engines import make_engine
+from refit_wire import pack_buckets
+
+from .engines import EngineSpec, make_engine
 from .engines.protocol import BucketLayout, GenerationRequest, GenerationResult, WeightBucket
-from .engines.weights import pack_tensors
 from .refit_receiver import RefitReceiver
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    model_dir: str
-    kind: str = "torch"
-    device: str = "cpu"
-    dtype: str = "float32"
-    max_batch_size: int = 64
-    max_seq_len: int | None = None
-    torch_threads: int = 1  # CPU threads per replica; several replicas share the machine's cores
-    weight_version: int = 0  # the version the weights in model_dir are (a resumed run starts above 0)
 
 
 class StaleWeights(RuntimeError):
@@ -40,9 +27,7 @@ class EngineHost:
         self.spec = spec
         if spec.device == "cpu":
             torch.set_num_threads(spec.torch_threads)
-        self.engine = make_engine(spec.kind, spec.model_dir, device=spec.device, dtype=spec.dtype,
-                                  max_batch_size=spec.max_batch_size, max_seq_len=spec.max_seq_len,
-                                  weight_version=spec.weight_version)
+        self.engine = make_engine(spec)
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
         in_actor = ctx is not None and ctx.get_actor_id() is not None  # also built in-process (tests, tools)
         self.stale = in_actor and ctx.was_current_actor_reconstructed
@@ -63,16 +48,8 @@ class EngineHost:
         collective transport keeps no buckets). The refs are owned by this replica: load them at once."""
         if self.stale:
             raise StaleWeights("this replica was restarted and has no current weights to give")
-        chunks: list[dict] = [{}]
-        size = 0
-        for name, t in self.engine.named_parameters_hf().items():
-            nbytes = t.numel() * t.element_size()
-            if chunks[-1] and size + nbytes > bucket_bytes:
-                chunks.append({})
-                size = 0
-            chunks[-1][name] = t
-            size += nbytes
-        return self.engine.weight_version, [ray.put(vars(pack_tensors(chunk))) for chunk in chunks]
+        buckets = pack_buckets(self.engine.named_parameters_hf().items(), bucket_bytes)
+        return self.engine.weight_version, [ray.put(b) for b in buckets]
 
     # Collective refit (actors/refit_receiver.py): the orchestrator builds the group and drives each refit.
 

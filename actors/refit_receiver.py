@@ -7,36 +7,19 @@ bucket i+1 is received while bucket i is unpacked into the engine's parameters (
 `Work.wait` only orders streams, so the host never waits per bucket). The version changes only when every
 bucket is in.
 
-The group set-up mirrors learner/refit_source.py (actors and learner share no code).
+The group's store, set-up and bucket layout are the refit wire format's (refit_wire), as on the source side.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 
-from .engines.protocol import BucketLayout, Engine
+from refit_wire import BucketLayout, join_store, open_group
 
-GROUP_TIMEOUT = timedelta(minutes=10)  # as learner/refit_source.py
-STORE_PREFIX = "selfreward-refit"  # + the group's generation, as learner/refit_source.py
-
-
-def open_group(store: dist.Store, generation: int, rank: int, size: int, backend: str):
-    """A standalone process group over `store`, warmed up (NCCL creates its communicator on first use)."""
-    prefixed = dist.PrefixStore(f"{STORE_PREFIX}/{generation}", store)
-    if backend == "nccl":
-        group = dist.ProcessGroupNCCL(prefixed, rank, size, GROUP_TIMEOUT)
-        probe = torch.zeros(1, device="cuda")
-    else:
-        group = dist.ProcessGroupGloo(prefixed, rank, size, GROUP_TIMEOUT)
-        probe = torch.zeros(1)
-    group.broadcast(probe, root=0).wait()
-    if probe.is_cuda:
-        torch.cuda.current_stream().synchronize()
-    return group
+from .engines.protocol import Engine
 
 
 class RefitReceiver:
@@ -51,7 +34,7 @@ class RefitReceiver:
 
     def join(self, host: str, port: int, generation: int, rank: int, size: int, backend: str) -> None:
         self.leave()
-        self.store = dist.TCPStore(host, port, is_master=False, timeout=GROUP_TIMEOUT)
+        self.store = join_store(host, port)
         self.group = open_group(self.store, generation, rank, size, backend)
         self.generation, self.backend = generation, backend
 

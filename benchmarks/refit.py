@@ -91,30 +91,23 @@ def _hardware(cpu: bool) -> str:
 
 
 class BroadcastBench:
-    """One rank of a bare broadcast loop over the refit group set-up (learner/refit_source.py)."""
+    """One rank of a bare broadcast loop over the refit group set-up (refit_wire)."""
 
     def __init__(self, device: str):
         self.device = device
 
     def address(self) -> tuple[str, int]:
-        import socket
-
-        import torch.distributed as dist
+        from refit_wire import host_store
 
         host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False)
-        return host, port
+        self.store = host_store(host)
+        return host, self.store.port
 
     def join(self, host: str, port: int, rank: int, backend: str) -> None:
-        import torch.distributed as dist
-
-        from learner.refit_source import open_group
+        from refit_wire import join_store, open_group
 
         if rank:
-            self.store = dist.TCPStore(host, port, is_master=False)
+            self.store = join_store(host, port)
         self.group = open_group(self.store, 1, rank, 2, backend)
 
     def run(self, sizes: list[int], repeats: int) -> list[float]:
@@ -150,7 +143,7 @@ def broadcast_alone(sizes: list[int], backend: str, device: str, repeats: int) -
 
 def end_to_end(model_dir: str, bucket_sizes: list[int], backend: str, cpu: bool, repeats: int, log) -> dict:
     """Median seconds of `refit` per bucket size, after checking one refit of trained weights."""
-    from actors.engine_host import EngineSpec
+    from actors.engines import EngineSpec
     from actors.generator import GeneratorActor
     from learner.group import LearnerGroup, LearnerSpec
     from learner.types import LossConfig, OptimConfig, TrainSample
@@ -204,7 +197,7 @@ def main() -> None:
     ray.init(num_cpus=4, num_gpus=0 if cpu else 2, include_dashboard=False, log_to_driver=False)
     if not cpu and ray.cluster_resources().get("GPU", 0) < 2:
         raise SystemExit("needs two GPUs (or --cpu)")
-    from learner.export import bucket_layout
+    from refit_wire import bucket_layout
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(Path(tmp) / "model")

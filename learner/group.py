@@ -8,18 +8,22 @@ and weight exports (the other ranks take part when the backend must gather weigh
 
 from __future__ import annotations
 
-import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 import torch
 import torch.distributed as dist
 
-from .backends.torch_backend import TorchBackend
+from refit_wire import host_store, join_store
+
+from .backends import LearnerBackend, make_backend
 from .refit_source import RefitSource
 from .types import LossConfig, OptimConfig, TrainSample
+
+GROUP_TIMEOUT = timedelta(minutes=10)  # a rank that does not take part in a collective for this long fails it
 
 
 @dataclass(frozen=True)
@@ -31,12 +35,22 @@ class LearnerSpec:
     num_gpus: float = 0
     dtype: str = "float32"
     seed: int = 0
-    backend: str = "torch"
+    backend: str = "torch"  # a key of learner.backends.BACKENDS
     reference_dir: str | None = None  # resuming mid-iteration: the iteration-start weights (None = model_dir)
     resume_dir: str | None = None  # a checkpoint whose optimizer, schedule and RNG states to load
     torch_threads: int = 1  # CPU threads per worker; keeps several actors from oversubscribing the cores
-    tensor_parallel: int = 1  # megatron backend: workers = tensor_parallel x pipeline_parallel x data parallel
-    pipeline_parallel: int = 1
+    # The backend's own options (megatron: tensor_parallel, pipeline_parallel, with workers = tensor_parallel x
+    # pipeline_parallel x data parallel); one the backend does not take is an error.
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """What a worker reports from setup."""
+
+    data_rank: int  # which share of a global batch it takes
+    data_size: int  # data-parallel size
+    gathers_weights: bool  # the backend's capability: every rank takes part in exports and saves
 
 
 class LearnerWorker:
@@ -44,40 +58,33 @@ class LearnerWorker:
 
     def __init__(self, spec: LearnerSpec, rank: int):
         self.spec, self.rank = spec, rank
-        self.backend = None  # TorchBackend or MegatronBackend, built in setup
+        self.backend: LearnerBackend | None = None  # built in setup
+        self.store: dist.TCPStore | None = None  # the training group's rendezvous (rank 0 hosts it)
         self.refit = RefitSource(ray.util.get_node_ip_address()) if rank == 0 else None
         if spec.num_gpus == 0:
             torch.set_num_threads(spec.torch_threads)
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """Rank 0 picks the address all ranks meet at: this node's IP and a free port."""
+        """Rank 0 hosts the store all ranks meet at; returns its address (this node's IP, the store's port)."""
         host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
+        self.store = host_store(host, GROUP_TIMEOUT)
+        return host, self.store.port
 
-    def setup(self, host: str, port: int) -> tuple[int, int]:
-        """Join the group and load the model; returns (data-parallel rank, data-parallel size)."""
+    def setup(self, address: tuple[str, int] | None) -> RankLayout:
+        """Join the group at `address` (rank 0's store; None for one worker) and load the model."""
         world = self.spec.workers
         if world > 1:
-            backend = "nccl" if self.spec.num_gpus > 0 else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
-                                    world_size=world, timeout=timedelta(minutes=10))
-        common = dict(device="cuda" if self.spec.num_gpus > 0 else "cpu", dtype=self.spec.dtype, rank=self.rank,
-                      world_size=world, seed=self.spec.seed, reference_dir=self.spec.reference_dir)
-        if self.spec.backend == "torch":
-            self.backend = TorchBackend(self.spec.model_dir, self.spec.optim, **common)
-        elif self.spec.backend == "megatron":
-            from .backends.megatron.backend import MegatronBackend  # optional dependency
-
-            self.backend = MegatronBackend(self.spec.model_dir, self.spec.optim, **common,
-                                           tensor_parallel=self.spec.tensor_parallel,
-                                           pipeline_parallel=self.spec.pipeline_parallel)
-        else:
-            raise ValueError(f"learner.backend={self.spec.backend!r} is not one of: torch, megatron")
+            if self.rank != 0:
+                self.store = join_store(*address, GROUP_TIMEOUT)
+            dist.init_process_group("nccl" if self.spec.num_gpus > 0 else "gloo", store=self.store, rank=self.rank,
+                                    world_size=world, timeout=GROUP_TIMEOUT)
+        self.backend = make_backend(self.spec.backend, self.spec.model_dir, self.spec.optim, self.spec.options,
+                                    device="cuda" if self.spec.num_gpus > 0 else "cpu", dtype=self.spec.dtype,
+                                    rank=self.rank, world_size=world, seed=self.spec.seed,
+                                    reference_dir=self.spec.reference_dir)
         if self.spec.resume_dir:
             self.backend.load_training_state(self.spec.resume_dir)
-        return self.backend.data_parallel
+        return RankLayout(*self.backend.data_parallel, gathers_weights=self.backend.gathers_weights)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> bool:
@@ -141,22 +148,32 @@ class LearnerWorker:
 
 
 class LearnerGroup:
-    def __init__(self, spec: LearnerSpec, scheduling: Sequence | None = None):
-        """`scheduling`: one Ray scheduling strategy per rank (the caller's placement), or None: Ray places them."""
+    def __init__(self, spec: LearnerSpec, scheduling: Sequence | None = None, *,
+                 wait: Callable[[Any], Any] = ray.get, setup_timeout_s: float = 600.0):
+        """`scheduling`: one Ray scheduling strategy per rank (the caller's placement), or None: Ray places them.
+        `wait`: how the results of the group's calls are awaited, like ray.get (the orchestrator passes one with
+        health checks); called only after construction. `setup_timeout_s`: how long the rendezvous and then the
+        setup (joining the group, loading the model) may each take: RuntimeError naming the late workers."""
         self.spec = spec
-        # How results are awaited; the orchestrator swaps in a wait with timeouts and health checks.
-        self.get = ray.get
+        self.wait = wait
         actor_cls = ray.remote(concurrency_groups={"health": 1})(LearnerWorker)
         self.workers = [actor_cls.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus,
                                           scheduling_strategy=scheduling[rank] if scheduling else None
                                           ).remote(spec, rank)
                         for rank in range(spec.workers)]
-        host, port = ray.get(self.workers[0].rendezvous_address.remote())
-        layout = ray.get([w.setup.remote(host, port) for w in self.workers])
-        self.data_ranks = [rank for rank, _ in layout]  # each worker's share of a batch
-        self.data_parallel = layout[0][1]
-        # Backends that gather weights over ranks need every worker in an export; the torch backend only rank 0.
-        self._exporters = self.workers if spec.backend == "megatron" else self.workers[:1]
+        try:
+            address = None
+            if spec.workers > 1:
+                [address] = _bounded_get([self.workers[0].rendezvous_address.remote()], "the rendezvous",
+                                         setup_timeout_s)
+            layout = _bounded_get([w.setup.remote(address) for w in self.workers], "setup", setup_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.data_ranks = [r.data_rank for r in layout]  # each worker's share of a batch
+        self.data_parallel = layout[0].data_size
+        # A backend that gathers weights over ranks needs every worker in an export; otherwise rank 0 has them.
+        self._exporters = self.workers if layout[0].gathers_weights else self.workers[:1]
 
     def shards(self, samples: Sequence[TrainSample]) -> list[list[TrainSample]]:
         """Each worker's share: equal contiguous slices, one per data-parallel rank."""
@@ -174,35 +191,35 @@ class LearnerGroup:
         """Mean token NLL of the chosen responses; pads the last share by splitting unevenly."""
         k = -(-len(samples) // self.data_parallel)
         shares = [list(samples[r * k : (r + 1) * k]) for r in self.data_ranks]
-        total, count = self.get([w.sft_nll.remote(s) for w, s in zip(self.workers, shares)])[0]
+        total, count = self.wait([w.sft_nll.remote(s) for w, s in zip(self.workers, shares)])[0]
         return total / max(count, 1.0)
 
     def update_reference(self) -> None:
-        self.get([w.update_reference.remote() for w in self.workers])
+        self.wait([w.update_reference.remote() for w in self.workers])
 
     def reset_optimizer(self) -> None:
-        self.get([w.reset_optimizer.remote() for w in self.workers])
+        self.wait([w.reset_optimizer.remote() for w in self.workers])
 
     def save(self, path: str) -> None:
         """Rank 0 writes the checkpoint, with every rank's RNG state."""
-        rngs = self.get([w.rng_state.remote() for w in self.workers])
-        self.get([w.save.remote(path, rngs) for w in self.workers])
+        rngs = self.wait([w.rng_state.remote() for w in self.workers])
+        self.wait([w.save.remote(path, rngs) for w in self.workers])
 
     def ping_refs(self) -> list:
         return [w.ping.remote() for w in self.workers]
 
     def export_bucket_refs(self, bucket_bytes: int) -> list:
-        return self.get([w.export_bucket_refs.remote(bucket_bytes) for w in self._exporters])[0]
+        return self.wait([w.export_bucket_refs.remote(bucket_bytes) for w in self._exporters])[0]
 
     def weight_digest(self) -> dict[str, str]:
-        return self.get([w.weight_digest.remote() for w in self._exporters])[0]
+        return self.wait([w.weight_digest.remote() for w in self._exporters])[0]
 
     # Collective refit: rank 0 is the source (with DDP it holds the full weights; megatron gathers them over
     # every rank in named_weights(), so all exporters take part in layout and send). The join, leave and send
     # calls return refs: every member of the refit group must be in them at once.
 
     def refit_address(self) -> tuple[str, int]:
-        return self.get(self.workers[0].refit_address.remote())
+        return self.wait(self.workers[0].refit_address.remote())
 
     def join_refit_group(self, generation: int, size: int, backend: str):
         return self.workers[0].join_refit_group.remote(generation, size, backend)
@@ -211,7 +228,7 @@ class LearnerGroup:
         return self.workers[0].leave_refit_group.remote()
 
     def refit_layout(self, bucket_bytes: int, dtype: str | None) -> list[dict]:
-        return self.get([w.refit_layout.remote(bucket_bytes, dtype) for w in self._exporters])[0]
+        return self.wait([w.refit_layout.remote(bucket_bytes, dtype) for w in self._exporters])[0]
 
     def send_weights(self) -> list:
         """Refs of the send: rank 0's first, then the other exporters' part in the gather."""
@@ -220,3 +237,18 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
+
+
+def _bounded_get(refs: list, stage: str, timeout_s: float) -> list:
+    """ray.get of one call per worker (refs[r] on rank r) within `timeout_s`: RuntimeError naming the ranks still
+    busy then. A worker's error is raised as soon as it arrives (the other ranks may wait for it forever)."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            late = ", ".join(str(rank) for rank, ref in enumerate(refs) if ref in pending)
+            raise RuntimeError(f"learner worker(s) {late} did not finish {stage} within {timeout_s:g}s "
+                               "(setup_timeout_s): a worker that cannot be placed, or cannot reach rank 0, waits here")
+        ray.get(done)
+    return ray.get(refs)

@@ -19,21 +19,37 @@ STATS = ("pairs", "loss", "preference_loss", "sft_loss", "acc", "r_chosen", "r_r
 
 
 def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], device) -> dict:
-    """Right-padded prompt+response batch; mask marks the positions whose NEXT token is a response token.
+    """Right-padded prompt+response batch and the positions the loss reads, on `device`.
 
-    The mask is aligned with labels = input_ids[:, 1:], i.e. mask[b, t] == 1 when input_ids[b, t+1] is
-    part of the response.
+    mask [B, W-1] is aligned with labels = input_ids[:, 1:]: mask[b, t] == 1 when input_ids[b, t+1] is part of
+    the response. rows (into the flattened [B*W] positions) and labels list those positions and their next
+    tokens; index places them in the flattened [B*(W-1)] mask.
     """
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
     width = max(len(s) for s in seqs)
     input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width - 1, dtype=torch.float32)
+    rows, index = [], []
     for b, (p, s) in enumerate(zip(prompts, seqs)):
+        if not p:
+            raise ValueError("a sample has an empty prompt: the first response token needs a token to be "
+                             "predicted from (add a BOS token or a chat template)")
         input_ids[b, : len(s)] = torch.tensor(s)
-        attention[b, : len(s)] = 1
         mask[b, len(p) - 1 : len(s) - 1] = 1.0
-    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "mask": mask.to(device)}
+        positions = torch.arange(len(p) - 1, len(s) - 1)
+        rows.append(b * width + positions)
+        index.append(b * (width - 1) + positions)
+    rows_t, index_t = torch.cat(rows), torch.cat(index)
+    labels = input_ids.view(-1)[rows_t + 1]
+    host = {"input_ids": input_ids, "mask": mask, "rows": rows_t, "labels": labels, "index": index_t}
+    return {k: _to_device(v, torch.device(device)) for k, v in host.items()}
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting for the device's queue (pinned memory, asynchronous copy)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def batch_rows(chunk: Sequence[TrainSample], preference: bool) -> tuple[list, list]:

@@ -7,37 +7,17 @@ broadcast of bucket i (on GPUs NCCL runs on its own stream; `Work.wait` only ord
 never waits per bucket). The group is a standalone process group object, not torch.distributed's default
 group, which data-parallel training already uses.
 
-The group set-up mirrors actors/refit_receiver.py (actors and learner share no code).
+The group's store, set-up and bucket layout are the refit wire format's (refit_wire), as on the receiving side.
 """
 
 from __future__ import annotations
 
-import socket
-from datetime import timedelta
 from typing import Iterable
 
 import torch
 import torch.distributed as dist
 
-from .export import bucket_layout, pack_entries
-
-GROUP_TIMEOUT = timedelta(minutes=10)  # a member that does not take part in a collective for this long fails it
-STORE_PREFIX = "selfreward-refit"  # + the group's generation: a rebuilt group never reads an old group's keys
-
-
-def open_group(store: dist.Store, generation: int, rank: int, size: int, backend: str):
-    """A standalone process group over `store`, warmed up (NCCL creates its communicator on first use)."""
-    prefixed = dist.PrefixStore(f"{STORE_PREFIX}/{generation}", store)
-    if backend == "nccl":
-        group = dist.ProcessGroupNCCL(prefixed, rank, size, GROUP_TIMEOUT)
-        probe = torch.zeros(1, device="cuda")
-    else:
-        group = dist.ProcessGroupGloo(prefixed, rank, size, GROUP_TIMEOUT)
-        probe = torch.zeros(1)
-    group.broadcast(probe, root=0).wait()
-    if probe.is_cuda:
-        torch.cuda.current_stream().synchronize()
-    return group
+from refit_wire import bucket_layout, host_store, open_group, pack_entries
 
 
 class RefitSource:
@@ -51,13 +31,9 @@ class RefitSource:
         self.buffers: list[torch.Tensor] = []
 
     def address(self) -> tuple[str, int]:
-        """Where the members meet: this node's IP and the store's port (a free one, picked once)."""
+        """Where the members meet: this node's IP and the port of the store, hosted once."""
         if self.store is None:
-            with socket.socket() as s:  # as LearnerWorker.rendezvous_address picks the training group's
-                s.bind((self.host, 0))
-                port = s.getsockname()[1]
-            self.store = dist.TCPStore(self.host, port, is_master=True, wait_for_workers=False,
-                                       timeout=GROUP_TIMEOUT)
+            self.store = host_store(self.host)
         return self.host, self.store.port
 
     def join(self, generation: int, size: int, backend: str) -> None:

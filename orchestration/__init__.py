@@ -8,7 +8,8 @@ The Python API (the CLI is a thin layer over it):
 See examples/python_driver.py.
 """
 
-from .config import Config, ConfigError, from_dict, load_config, validate
+from .config import Config, from_dict, load_config, validate
+from .errors import ConfigError, RunFailed
 
 
 def run(cfg: Config, log=print):
@@ -19,8 +20,8 @@ def run(cfg: Config, log=print):
 
 
 def __getattr__(name: str):
-    # RunResult and RunFailed live with the driver, which imports Ray: load it only when asked for.
-    if name in ("RunResult", "RunFailed"):
+    # RunResult lives with the driver, which imports Ray: load it only when asked for.
+    if name == "RunResult":
         from . import driver
 
         return getattr(driver, name)

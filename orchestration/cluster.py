@@ -19,29 +19,22 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-from actors.engine_host import EngineSpec, StaleWeights
+from actors.engine_host import StaleWeights
+from actors.engines import EngineSpec
 from actors.generator import GeneratorActor
-from actors.judge import JudgeActor, JudgeSpec
+from actors.judges import judge_backend
+from actors.judges.protocol import JudgeSpec
 from learner.group import LearnerGroup, LearnerSpec
 
 from . import placement
 from .config import ClusterConfig
+from .errors import LearnerFailed, RefitFailed, ReplicaFailed, summary
 
+# How long a replica or learner worker may take to start: load (or convert) an 8B checkpoint from a slow disk,
+# capture CUDA graphs.
+START_TIMEOUT_S = 1800.0
 # Errors of a call whose replica died, went away, or came back restarted without the current weights.
 RECOVERABLE = (RayActorError, ActorUnavailableError, StaleWeights)
-
-
-class ReplicaFailed(RuntimeError):
-    """An engine replica failed more often than cluster.max_restarts allows."""
-
-
-class LearnerFailed(RuntimeError):
-    """A learner worker died or stopped answering."""
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def raise_learner_failures(done: list) -> None:
@@ -51,9 +44,15 @@ def raise_learner_failures(done: list) -> None:
         try:
             ray.get(ref)
         except ray.exceptions.RayError as e:
-            lines = [x for x in str(e).strip().splitlines() if x.strip()]
-            cause = (lines[-1] if lines else type(e).__name__)[:300]
-            raise LearnerFailed(f"a learner worker failed ({type(e).__name__}: {cause})") from None
+            raise LearnerFailed(f"a learner worker failed ({type(e).__name__}: {summary(e)})") from None
+
+
+def get_within(ref, timeout_s: float, what: str):
+    """ray.get of one engine call that must answer within `timeout_s`; ReplicaFailed naming `what` if not."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except GetTimeoutError:
+        raise ReplicaFailed(f"{what} did not answer within {timeout_s:.0f}s") from None
 
 
 def connect(cluster: ClusterConfig, *, judges: bool = True, learner: bool = True) -> bool:
@@ -91,8 +90,9 @@ class EnginePool:
     name: str
     actors: list
     max_restarts: int
-    timeout_s: float = 60.0  # how long a restarting replica may take to answer again
+    timeout_s: float = 60.0  # how long a restarting replica (or a refit call) may take to answer
     log: Callable[[str], None] = print
+    follows_policy: bool = True  # serves M_t: refit with the learner, its outputs held to the current version
     restarts: list[int] = field(default_factory=list)
     version: int = 0  # the weight version every replica must serve
     weight_refs: tuple = ()  # the buckets of `version` (empty: the weights the replicas were created with)
@@ -124,13 +124,14 @@ class EnginePool:
             if self.restore is not None:
                 self.restore(self, replica)
             else:
-                ray.get(self.actors[replica].load_weights.remote(self.version, *self.weight_refs))
+                get_within(self.actors[replica].load_weights.remote(self.version, *self.weight_refs), self.timeout_s,
+                           f"{self.name} replica {replica} loading weight version {self.version} after its restart")
 
     def await_restart(self, replica: int, error: Exception, then: str = "re-issuing its work") -> int:
         """Count a failure of `replica` against max_restarts and wait until it answers; its weight version.
         `then` says in the log what happens next."""
         self.restarts[replica] += 1
-        first_line = _first_line(error)
+        first_line = summary(error)
         if self.restarts[replica] > self.max_restarts:
             raise ReplicaFailed(f"{self.name} replica {replica} failed {self.restarts[replica]} times, more than "
                                 f"cluster.max_restarts={self.max_restarts} allows; last error: {first_line}")
@@ -152,13 +153,14 @@ class EnginePool:
         self.version, self.weight_refs = version, tuple(refs)
         pending = {i: actor.load_weights.remote(version, *refs) for i, actor in enumerate(self.actors)}
         for i, ref in pending.items():
+            what = f"{self.name} replica {i} loading weight version {version}"
             try:
-                loaded = ray.get(ref)
+                loaded = get_within(ref, self.timeout_s, what)
             except RECOVERABLE as e:
                 self.recover(i, e)
-                loaded = ray.get(self.actors[i].weight_version.remote())
+                loaded = get_within(self.actors[i].weight_version.remote(), self.timeout_s, what)
             if loaded != version:
-                raise RuntimeError(f"refit of {self.name} replica {i} to version {version} failed: it reports {loaded}")
+                raise RefitFailed(f"refit of {self.name} replica {i} to version {version} failed: it reports {loaded}")
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -178,7 +180,33 @@ class Pools:
 
     @property
     def engine_pools(self) -> list[EnginePool]:
+        """Every pool in use (health checks, restarts)."""
         return [p for p in (self.generators, self.judges) if len(p)]
+
+    @property
+    def policy_pools(self) -> list[EnginePool]:
+        """The pools that serve M_t: the only ones refit (a fixed judge keeps its own weights)."""
+        return [p for p in self.engine_pools if p.follows_policy]
+
+    def generate(self, requests: list) -> list:
+        """Results of `requests` spread over the generator replicas, in request order, awaited with health
+        checks; a share whose replica died is issued again (same seeds) once the replica is back."""
+        share = -(-len(requests) // len(self.generators)) if requests else 0
+        shares = {i: requests[i * share : (i + 1) * share] for i in range(len(self.generators))}
+        calls = {i: self.generators.call(i, "generate", part) for i, part in shares.items() if part}
+        results: dict[int, list] = {}
+        while calls:
+            ready = self.wait(list(calls.values()))
+            for i, ref in list(calls.items()):
+                if ref not in ready:
+                    continue
+                try:
+                    results[i] = ray.get(ref).results
+                    del calls[i]
+                except RECOVERABLE as e:
+                    self.generators.recover(i, e)
+                    calls[i] = self.generators.call(i, "generate", shares[i])
+        return [r for i in sorted(results) for r in results[i]]
 
     @property
     def actor_restarts(self) -> int:
@@ -234,11 +262,20 @@ class Pools:
         placement.release(self.placement_groups)
 
 
-def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judge_engine: EngineSpec | None = None,
-                judge: JudgeSpec | None = None, learner: LearnerSpec | None = None, log=print) -> Pools:
+@dataclass(frozen=True)
+class JudgePoolSpec:
+    """The judge pool: its backend (`judge.backend`), how it judges, and the engine it hosts if it has one."""
+
+    backend: str
+    judge: JudgeSpec
+    engine: EngineSpec | None = None
+
+
+def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoolSpec | None = None,
+                learner: LearnerSpec | None = None, log=print) -> Pools:
     """Reserve a placement group per pool, then start the generator pool, and the judge pool and learner
     group when given their specs. PlacementError (with the numbers) when the cluster cannot hold them."""
-    wanted = placement.requests(cluster, judges=judge is not None, learner=learner is not None)
+    wanted = placement.requests(cluster, judges=judges is not None, learner=learner is not None)
     if not cluster.wait_for_autoscaler:
         placement.check_fits(wanted, *placement.cluster_capacity())
     groups: dict[str, object] = {}
@@ -255,17 +292,31 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judge_engine: En
                 for i in range(pool.replicas)]
 
     generators = replicas(GeneratorActor, cluster.generators, "cluster.generators", gen_engine)
-    judges = replicas(JudgeActor, cluster.judges, "cluster.judges", judge_engine, judge) if judge is not None else []
-    group = None
+    judge_actors, judge_version, follows = [], gen_engine.weight_version, True
+    if judges is not None:
+        entry = judge_backend(judges.backend)
+        args = (judges.engine, judges.judge) if entry.local_engine else (judges.judge,)
+        judge_actors = replicas(entry.actor_class(), cluster.judges, "cluster.judges", *args)
+        follows = entry.follows_policy
+        judge_version = judges.engine.weight_version if judges.engine is not None else 0
+    pools = Pools(EnginePool("generator", generators, cluster.max_restarts, cluster.health_check_timeout_s, log,
+                             version=gen_engine.weight_version),
+                  EnginePool("judge", judge_actors, cluster.max_restarts, cluster.health_check_timeout_s, log,
+                             follows_policy=follows, version=judge_version),
+                  None, cluster.health_check_interval_s, cluster.health_check_timeout_s, list(groups.values()))
     if learner is not None:
-        group = LearnerGroup(learner, [placement.in_bundle(groups["cluster.learner"], r) for r in range(learner.workers)])
-    ray.get([a.weight_version.remote() for a in generators + judges])  # engines loaded
-    pool = lambda name, actors: EnginePool(name, actors, cluster.max_restarts,  # noqa: E731
-                                           cluster.health_check_timeout_s, log, version=gen_engine.weight_version)
-    pools = Pools(pool("generator", generators), pool("judge", judges), group,
-                  cluster.health_check_interval_s, cluster.health_check_timeout_s, list(groups.values()))
-    if group is not None:
-        group.get = pools.get
+        try:
+            pools.learner = LearnerGroup(learner, [placement.in_bundle(groups["cluster.learner"], r)
+                                                   for r in range(learner.workers)], wait=pools.get,
+                                         setup_timeout_s=START_TIMEOUT_S)
+        except RuntimeError as e:
+            if isinstance(e, ray.exceptions.RayError):
+                raise
+            raise LearnerFailed(str(e)) from None
+    # Engines loaded (a replica that cannot load its model fails here, with its error).
+    for pool in pools.engine_pools:
+        for i in range(len(pool)):
+            get_within(pool.call(i, "weight_version"), START_TIMEOUT_S,
+                       f"{pool.name} replica {i} loading its model")
     log("[cluster] placed " + "; ".join(r.describe() for r in wanted))
     return pools
-

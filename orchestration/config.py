@@ -15,9 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with the key that caused it in the message."""
+from .errors import ConfigError, summary
 
 
 @dataclass
@@ -87,11 +85,12 @@ class JudgeSamplingConfig:
 
 @dataclass
 class JudgeConfig:
-    template: str = "default"  # "default" (the model's task decides), a file path, or a literal template
+    backend: str = "policy"  # actors/judges: who judges
+    template: str = "default"  # "default" (orchestration/judge_templates.py), "toy", a file path, or the text
     reward_regex: str = r"(?i)(?:score|points)\s*:\s*([-+]?\d+(?:\.\d+)?)"
     score_low: float = 0.0
     score_high: float = 5.0
-    meta_template: str = ""  # the meta-judge prompt: {prompt} {response} {judgement_a} {judgement_b}
+    meta_template: str = "default"  # the meta-judge prompt: {prompt} {response} {judgement_a} {judgement_b}
     meta_reward_regex: str = r"(?i)winner\s*:\s*judge?ment\s*([AB])\b"
     meta_max_new_tokens: Optional[int] = None  # the meta-judge's answer length; None = judge.sampling's
     sampling: JudgeSamplingConfig = field(default_factory=JudgeSamplingConfig)
@@ -185,6 +184,12 @@ class ClusterConfig:
 
 
 @dataclass
+class EngineConfig:
+    kind: str = "torch"  # actors/engines: the engine of the generators and of local judges
+    options: dict[str, Any] = field(default_factory=dict)  # engine-specific, checked by the engine
+
+
+@dataclass
 class LearnerConfig:
     backend: str = "torch"  # torch (data parallel) | megatron (tensor x pipeline x data parallel)
     dtype: str = "float32"
@@ -219,6 +224,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -239,7 +245,6 @@ CHOICES = {
     "data.on_bad_line": ("error", "skip"),
     "data.on_long_prompt": ("drop", "truncate_left"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
-    "learner.backend": ("torch", "megatron"),
     "learner.optim.schedule": ("cosine", "constant"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "cluster.generators.strategy": PLACEMENT_STRATEGIES,
@@ -270,7 +275,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             composed = compose(config_name="config", overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as e:
-        message = _first_line(e)
+        message = summary(e)
         unknown = re.match(r"Could not override '([^']+)'", message)
         if unknown and ("not in struct" in str(e) or "To append" in str(e)):
             message = f"unknown configuration key '{unknown.group(1)}'"
@@ -293,7 +298,9 @@ def from_dict(raw: DictConfig | dict) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
+    from learner.backends import BACKENDS
+
+    for key, allowed in {**CHOICES, "learner.backend": tuple(BACKENDS)}.items():
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
@@ -346,8 +353,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.max_restarts must be >= 0, got {cfg.cluster.max_restarts}")
     if cfg.max_time_per_run is not None:
         max_seconds(cfg.max_time_per_run)
-    if a.name != "generate":  # the generation job has no learner and never refits
+    from actors.engines import ENGINES
+
+    if cfg.engine.kind not in ENGINES:
+        raise ConfigError(f"engine.kind={cfg.engine.kind!r} is not one of: {', '.join(ENGINES)}")
+    if a.name in JUDGED:
+        _validate_judge(cfg)
+    if a.name != "generate":
         refit_transport(cfg)
+    if cfg.learner.optim.schedule == "cosine" and a.max_steps == -1:
+        raise ConfigError("learner.optim.schedule=cosine needs algorithm.max_steps (the number of good pairs, "
+                          "and so of steps, is not known in advance)")
     if cfg.judge.score_low >= cfg.judge.score_high:
         raise ConfigError(f"judge.score_low={cfg.judge.score_low} must be below judge.score_high={cfg.judge.score_high}")
     if cfg.model.path is None and cfg.model.name != "toy":
@@ -356,6 +372,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face checkpoint directory (no config.json)")
     if cfg.model.path is not None and cfg.data.train_file is None:
         raise ConfigError("data.train_file is required with model.path (the toy data only fits the toy model)")
+
+
+def _validate_judge(cfg: Config) -> None:
+    """The judge backend exists and can do what the algorithm asks; its templates resolve with their slots."""
+    from actors.judges import judge_backend
+
+    from . import judge_templates
+
+    try:
+        entry = judge_backend(cfg.judge.backend)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    judge_templates.resolve("judge.template", cfg.judge.template)
+    if cfg.algorithm.use_meta_judge:
+        if not entry.can_meta_judge:
+            raise ConfigError(f"judge.backend={cfg.judge.backend} cannot meta-judge, which algorithm.use_meta_judge="
+                              "true (Meta-Rewarding) needs")
+        judge_templates.resolve("judge.meta_template", cfg.judge.meta_template)
 
 
 def _validate_learner_layout(learner: LearnerConfig, workers: int) -> int:
@@ -394,12 +428,13 @@ def _validate_spin(a: AlgorithmConfig) -> None:
 
 
 def refit_transport(cfg: Config) -> str:
-    """cluster.refit_transport with `auto` resolved: nccl when the learner and every engine pool the
-    algorithm runs hold at least one whole GPU per worker or replica (NCCL needs a GPU of its own for each
-    rank of the refit group), else object_store. `gloo` is the collective path on CPU (tests, CPU clusters)."""
+    """cluster.refit_transport with `auto` resolved: nccl when the learner and every engine pool that follows
+    the policy hold at least one whole GPU per worker or replica (NCCL needs a GPU of its own for each rank of
+    the refit group), else object_store. `gloo` is the collective path on CPU (tests, CPU clusters). A judge
+    that does not follow the policy is never refit, so its GPUs do not count."""
     c = cfg.cluster
     pools = {"cluster.learner.num_gpus": c.learner.num_gpus, "cluster.generators.num_gpus": c.generators.num_gpus}
-    if cfg.algorithm.name in JUDGED:
+    if cfg.algorithm.name in JUDGED and judge_follows_policy(cfg):
         pools["cluster.judges.num_gpus"] = c.judges.num_gpus
     short = [f"{key}={value:g}" for key, value in pools.items() if value < 1]
     if c.refit_transport == "auto":
@@ -409,6 +444,13 @@ def refit_transport(cfg: Config) -> str:
                           f"(NCCL cannot put two ranks on one GPU), but {', '.join(short)}: give them GPUs, or "
                           "use cluster.refit_transport=object_store")
     return c.refit_transport
+
+
+def judge_follows_policy(cfg: Config) -> bool:
+    from actors.judges import JUDGE_BACKENDS
+
+    entry = JUDGE_BACKENDS.get(cfg.judge.backend)
+    return entry is None or entry.follows_policy
 
 
 def max_seconds(value: str | None) -> float | None:
@@ -480,10 +522,3 @@ def _describe(e: OmegaConfBaseException) -> str:
         return f"unknown configuration key '{key}'" if key else msg
     return f"{key}: {msg}" if key else msg
 
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import ray
 from omegaconf import OmegaConf
-from ray.exceptions import RayActorError
+from ray.exceptions import RayError
 
-from actors.engine_host import EngineSpec
-from actors.judge import JudgeSpec
+from actors.engines import EngineSpec, context_length
+from actors.judges.protocol import JudgeSpec
 from learner.group import LearnerSpec
 from learner.types import OptimConfig
 
@@ -26,8 +26,10 @@ from .algorithms.self_rewarding import SelfRewarding
 from .algorithms.spin import Spin
 from .chat import PRESETS, ChatRenderer
 from .checkpoint import Checkpoint, Checkpoints
-from .cluster import LearnerFailed, ReplicaFailed, connect, start_pools
-from .config import JUDGED, Config, ConfigError, max_seconds, refit_transport, sampling_params
+from . import judge_templates
+from .cluster import JudgePoolSpec, connect, start_pools
+from .config import JUDGED, Config, ConfigError, judge_follows_policy, max_seconds, refit_transport, sampling_params
+from .errors import PoolFailed, RunFailed, summary
 from .context import RunContext
 from .data import JsonlDataset
 from .metrics import MetricsLogger
@@ -77,6 +79,8 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     # SPIN's chosen responses and first_iteration_sft's targets are the dataset's answers.
     setup = _prepare(cfg, log, require_answer=cfg.algorithm.name == "spin" or cfg.algorithm.first_iteration_sft)
+    if cfg.learner.backend == "megatron":  # before Ray and wandb start: a bad layout leaves nothing behind
+        _check_megatron_layout(str(resume.path) if resume else str(setup.model_dir), cfg)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
     judged = cfg.algorithm.name in JUDGED
@@ -91,9 +95,8 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
         log(f"[run] starting pools: {cfg.cluster.generators.replicas} generator(s), "
             f"{cfg.cluster.judges.replicas if judged else 0} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
         weights = _weights(setup.model_dir, resume)
-        gen_engine, judge_engine, judge, learner = _specs(cfg, weights)
-        pools = start_pools(cfg.cluster, gen_engine, judge_engine if judged else None, judge if judged else None,
-                            learner, log=log)
+        gen_engine, judges, learner = _specs(cfg, weights)
+        pools = start_pools(cfg.cluster, gen_engine, judges if judged else None, learner, log=log)
         transport = refit_transport(cfg)
         if transport in COLLECTIVE_BACKENDS:
             use_collective(pools, transport)
@@ -114,10 +117,11 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
         log(f"[run] stopped cleanly ({e.reason}); checkpoint {e.checkpoint}. Run the same command again to "
             "continue from it.")
         return RunResult(out, [], [], out / "metrics.jsonl", time.perf_counter() - start, stopped=e.reason)
-    except (LearnerFailed, ReplicaFailed, RayActorError) as e:
+    except (PoolFailed, RayError) as e:
         latest = checkpoints.latest()
         where = f"the last complete checkpoint is {latest.path}" if latest else "no checkpoint was completed yet"
-        raise RunFailed(f"the run stopped: {e}. {where}; run the same command again to resume "
+        what = str(e) if isinstance(e, PoolFailed) else f"{type(e).__name__}: {summary(e)}"
+        raise RunFailed(f"the run stopped: {what}. {where}; run the same command again to resume "
                         f"{'from it' if latest else 'from the start'}.") from None
     finally:
         if pools is not None:
@@ -133,10 +137,6 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     marker.write_text(json.dumps({"iterations": rows, "seconds": seconds}, indent=2))
     log(f"[run] finished in {seconds:.0f}s; outputs in {out}")
     return _result(out, rows, seconds)
-
-
-class RunFailed(RuntimeError):
-    """An actor failure stopped the run; the message says where it can resume from."""
 
 
 def _resume_point(cfg: Config, out: Path, checkpoints: Checkpoints, log) -> Checkpoint | None:
@@ -256,10 +256,7 @@ def _context(cfg: Config, setup: _Setup, metrics: MetricsLogger | None, log) -> 
 
 def _max_prompt_length(cfg: Config, model_dir: Path) -> int:
     """data.max_prompt_length, never more than the engines can take (context minus one new token)."""
-    from transformers import AutoConfig
-
-    context = cfg.model.max_seq_len or min(AutoConfig.from_pretrained(model_dir).max_position_embeddings, 4096)
-    limit = context - 1
+    limit = context_length(str(model_dir), cfg.model.max_seq_len) - 1
     return min(limit, cfg.data.max_prompt_length) if cfg.data.max_prompt_length else limit
 
 
@@ -311,26 +308,11 @@ def _toy_meta_judgements(cfg: Config) -> int:
     return TOY_META_JUDGEMENTS if cfg.algorithm.use_meta_judge else 0
 
 
-def _template(key: str, value: str, slots: tuple[str, ...]) -> str:
-    """A judge template from config: "toy" (the toy world's), a file path, or the text itself."""
-    if value == "toy":
-        from .toy import task
-
-        return task.META_JUDGE_TEMPLATE if key == "judge.meta_template" else task.JUDGE_TEMPLATE
-    path = Path(value).expanduser()
-    if "\n" not in value and len(value) < 4096 and path.is_file():
-        value = path.read_text()
-    missing = [slot for slot in slots if slot not in value]
-    if missing:
-        raise ConfigError(f"{key} lacks the slot(s) {', '.join(missing)} (a file path or the template text)")
-    return value
-
-
 def _engine_specs(cfg: Config, weights: _Weights) -> tuple[EngineSpec, EngineSpec]:
     """The generator and judge engines: the weights the pools start from, each on its pool's device."""
     c = cfg.cluster
     engine = dict(model_dir=weights.engines, dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
-                  weight_version=weights.version)
+                  weight_version=weights.version, kind=cfg.engine.kind, options=dict(cfg.engine.options))
     return (EngineSpec(**engine, device="cuda" if c.generators.num_gpus > 0 else "cpu",
                        max_batch_size=c.generators.max_batch_size),
             EngineSpec(**engine, device="cuda" if c.judges.num_gpus > 0 else "cpu",
@@ -343,16 +325,14 @@ def _specs(cfg: Config, weights: _Weights):
     chat_template = PRESETS.get(cfg.data.chat_template, cfg.data.chat_template) if cfg.data.chat_template else None
     meta_template = None
     if cfg.algorithm.use_meta_judge:
-        meta_template = _template("judge.meta_template", cfg.judge.meta_template,
-                                  ("{prompt}", "{response}", "{judgement_a}", "{judgement_b}"))
-    judge = JudgeSpec(template=_template("judge.template", cfg.judge.template, ("{prompt}", "{response}")),
+        meta_template = judge_templates.resolve("judge.meta_template", cfg.judge.meta_template)
+    judge = JudgeSpec(template=judge_templates.resolve("judge.template", cfg.judge.template),
                       meta_template=meta_template, meta_reward_regex=cfg.judge.meta_reward_regex,
                       meta_max_new_tokens=cfg.judge.meta_max_new_tokens,
                       sampling=sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling)),
                       reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
-                      score_high=cfg.judge.score_high, chat_template=chat_template)
-    if cfg.learner.backend == "megatron":
-        _check_megatron_layout(weights.policy, cfg)
+                      score_high=cfg.judge.score_high, chat_template=chat_template,
+                      follows_policy=judge_follows_policy(cfg))
     o = cfg.learner.optim
     optim = OptimConfig(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
                         warmup_steps=o.warmup_steps, schedule=o.schedule, decay_steps=_decay_steps(cfg),
@@ -360,9 +340,15 @@ def _specs(cfg: Config, weights: _Weights):
     learner = LearnerSpec(model_dir=weights.policy, optim=optim, workers=c.learner.workers,
                           num_cpus=c.learner.num_cpus, num_gpus=c.learner.num_gpus, dtype=cfg.learner.dtype,
                           seed=cfg.seed, backend=cfg.learner.backend, reference_dir=weights.reference,
-                          resume_dir=weights.learner_state, tensor_parallel=cfg.learner.tensor_parallel,
-                          pipeline_parallel=cfg.learner.pipeline_parallel)
-    return gen_engine, judge_engine, judge, learner
+                          resume_dir=weights.learner_state, options=_learner_options(cfg))
+    return gen_engine, JudgePoolSpec(cfg.judge.backend, judge, judge_engine), learner
+
+
+def _learner_options(cfg: Config) -> dict:
+    """The learner backend's own options (config.validate refused tensor/pipeline parallel for torch)."""
+    if cfg.learner.backend == "megatron":
+        return {"tensor_parallel": cfg.learner.tensor_parallel, "pipeline_parallel": cfg.learner.pipeline_parallel}
+    return {}
 
 
 def _check_megatron_layout(model_dir: str, cfg: Config) -> None:
@@ -378,13 +364,8 @@ def _check_megatron_layout(model_dir: str, cfg: Config) -> None:
 
 
 def _decay_steps(cfg: Config) -> int:
-    """Cosine decay length: max_steps when capped, else an estimate from the prompt count is not known
-    up front (bad samples vary), so cosine needs max_steps."""
+    """Cosine decay length: from the end of warmup to max_steps (config.validate made sure it is set: the
+    number of steps is not known up front, since bad samples vary)."""
     o = cfg.learner.optim
-    if o.schedule == "cosine":
-        if cfg.algorithm.max_steps == -1:
-            raise ConfigError("learner.optim.schedule=cosine needs algorithm.max_steps (the number of good pairs, "
-                              "and so of steps, is not known in advance)")
-        return max(1, cfg.algorithm.max_steps - o.warmup_steps)
-    return 0
+    return max(1, cfg.algorithm.max_steps - o.warmup_steps) if o.schedule == "cosine" else 0
 

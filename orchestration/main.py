@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sys
 
-from .config import ConfigError, load_config
+from .config import load_config
 from .data import DataError
+from .errors import ConfigError, RunFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args)
-        from .driver import RunFailed, run
+        from .driver import run
 
         run(cfg)
     except (ConfigError, DataError) as e:

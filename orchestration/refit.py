@@ -23,37 +23,33 @@ from __future__ import annotations
 import ray
 from ray.exceptions import GetTimeoutError
 
-from .cluster import RECOVERABLE, EnginePool, LearnerFailed, Pools, ReplicaFailed
+from refit_wire import DEFAULT_BUCKET_BYTES
 
-BUCKET_BYTES = 256 << 20
+from .cluster import RECOVERABLE, EnginePool, Pools, get_within
+from .errors import ConfigError, LearnerFailed, RefitFailed, ReplicaFailed, summary
+
 COLLECTIVE_BACKENDS = ("nccl", "gloo")
 
 
-def refit(pools: Pools, version: int, bucket_bytes: int = BUCKET_BYTES) -> None:
+def refit(pools: Pools, version: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
     """Publish the learner's weights as `version` and wait until every engine serves it."""
     if pools.collective is not None:
         pools.collective.refit(version, bucket_bytes)
         return
     refs = pools.learner.export_bucket_refs(bucket_bytes)
-    for pool in pools.engine_pools:
+    for pool in pools.policy_pools:
         pool.load(version, refs)
 
 
-def use_collective(pools: Pools, backend: str, bucket_bytes: int = BUCKET_BYTES) -> "CollectiveRefit":
+def use_collective(pools: Pools, backend: str, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> "CollectiveRefit":
     """Switch `pools` to the collective transport and build its group now, so that a set-up problem stops
     the run at start-up rather than at its first refit."""
     collective = CollectiveRefit(pools, backend)
     collective.build(bucket_bytes)
     pools.collective = collective
-    for pool in pools.engine_pools:
+    for pool in pools.policy_pools:
         pool.restore = collective.restore  # the pools keep no buckets to reload
     return collective
-
-
-def _cause(error: Exception) -> str:
-    """The last line of a (remote) error: its type and message, without the traceback."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 class CollectiveRefit:
@@ -61,9 +57,11 @@ class CollectiveRefit:
 
     def __init__(self, pools: Pools, backend: str):
         if backend not in COLLECTIVE_BACKENDS:
-            raise ValueError(f"collective refit backend {backend!r} is not one of {COLLECTIVE_BACKENDS}")
-        if pools.learner is None:
-            raise ValueError("the collective refit needs a learner group (its rank 0 is the source)")
+            raise ConfigError(f"cluster.refit_transport={backend!r}: the collective transports are "
+                              f"{', '.join(COLLECTIVE_BACKENDS)}")
+        if pools.learner is None or not pools.policy_pools:
+            raise ConfigError(f"cluster.refit_transport={backend} needs a learner group (its rank 0 is the source) "
+                              "and a pool that follows the policy")
         self.pools, self.backend = pools, backend
         self.log = pools.generators.log
         self.generation = 0  # of the group every member is in; 0: none yet
@@ -73,8 +71,9 @@ class CollectiveRefit:
 
     @property
     def engines(self) -> list[tuple[EnginePool, int]]:
-        """(pool, replica) of every engine member, in rank order (rank = index + 1)."""
-        return [(pool, i) for pool in self.pools.engine_pools for i in range(len(pool))]
+        """(pool, replica) of every engine member, in rank order (rank = index + 1): the pools that follow the
+        policy (a fixed judge is never refit, so it is not in the group)."""
+        return [(pool, i) for pool in self.pools.policy_pools for i in range(len(pool))]
 
     def refit(self, version: int, bucket_bytes: int) -> None:
         if not (self.intact and self._members_in_group()):
@@ -87,8 +86,8 @@ class CollectiveRefit:
         loaded = self._gather(refs, f"the refit to version {version}")[len(sends):]
         for (pool, i), got in zip(engines, loaded):
             if got != version:
-                raise RuntimeError(f"refit of {pool.name} replica {i} to version {version} failed: it reports {got}")
-        for pool in self.pools.engine_pools:
+                raise RefitFailed(f"refit of {pool.name} replica {i} to version {version} failed: it reports {got}")
+        for pool in self.pools.policy_pools:
             pool.version, pool.weight_refs = version, ()
 
     def build(self, bucket_bytes: int) -> None:
@@ -118,9 +117,9 @@ class CollectiveRefit:
         prepared = [(pool, i, pool.call(i, "prepare_refit", layout)) for pool, i in engines]
         for pool, i, ref in prepared:
             try:
-                ray.get(ref)
+                get_within(ref, pool.timeout_s, f"{pool.name} replica {i} preparing refit group {self.generation}")
             except ValueError as e:  # a layout that does not fit this engine's model: nothing was sent
-                raise ValueError(f"{pool.name} replica {i} rejected the refit layout: {_cause(e)}") from None
+                raise RefitFailed(f"{pool.name} replica {i} rejected the refit layout: {summary(e)}") from None
         self.bucket_bytes, self.intact = bucket_bytes, True
         self.log(f"[refit] {self.backend} group {self.generation}: learner rank 0 + {len(engines)} engine "
                  f"replica(s), {len(layout)} bucket(s) of up to {bucket_bytes / 2**20:g} MiB, "
@@ -131,25 +130,29 @@ class CollectiveRefit:
         no group now; the next refit notices and rebuilds."""
         actor = pool.actors[replica]
         if pool.version == pool.created_version:  # no refit since it was created: its own weights are current
-            loaded = ray.get(actor.load_weights.remote(pool.version))
+            loaded = get_within(actor.load_weights.remote(pool.version), pool.timeout_s,
+                                f"{pool.name} replica {replica} confirming its weights after a restart")
         else:
             loaded = self._copy_from_peer(pool, replica)
         if loaded != pool.version:
-            raise RuntimeError(f"{pool.name} replica {replica} reports version {loaded} after its restore "
+            raise RefitFailed(f"{pool.name} replica {replica} reports version {loaded} after its restore "
                                f"to {pool.version}")
 
     def _copy_from_peer(self, pool: EnginePool, replica: int) -> int:
         peers = [(pool, j) for j in range(len(pool)) if j != replica]
-        peers += [(other, j) for other in self.pools.engine_pools if other is not pool for j in range(len(other))]
+        # Only pools that serve M_t hold the policy's weights (a fixed judge's are another model).
+        peers += [(other, j) for other in self.pools.policy_pools if other is not pool for j in range(len(other))]
         for peer, j in peers:
             if peer.version != pool.version:
                 continue
             try:
-                version, refs = ray.get(peer.call(j, "export_weights", BUCKET_BYTES), timeout=peer.timeout_s)
+                version, refs = ray.get(peer.call(j, "export_weights", DEFAULT_BUCKET_BYTES),
+                                        timeout=peer.timeout_s)
             except (GetTimeoutError, *RECOVERABLE):
                 continue  # not healthy now
             if version == pool.version:
-                loaded = ray.get(pool.actors[replica].load_weights.remote(version, *refs))
+                loaded = get_within(pool.actors[replica].load_weights.remote(version, *refs), pool.timeout_s,
+                                    f"{pool.name} replica {replica} loading weights from {peer.name} replica {j}")
                 self.log(f"[refit] {pool.name} replica {replica} restored to version {version} from "
                          f"{peer.name} replica {j}")
                 return loaded
@@ -165,7 +168,8 @@ class CollectiveRefit:
         refs = [pool.call(i, "refit_group") for pool, i in self.engines]
         for (pool, i), ref in zip(self.engines, refs):
             try:
-                intact &= ray.get(ref) == self.generation
+                intact &= get_within(ref, pool.timeout_s, f"{pool.name} replica {i} reporting its refit group") \
+                    == self.generation
             except RECOVERABLE as e:
                 pool.await_restart(i, e, then="the refit rebuilds the group and gives it the new weights")
                 intact = False
@@ -184,9 +188,9 @@ class CollectiveRefit:
                     self.intact = False
                     member = refs.index(ref)
                     if member == 0:
-                        raise LearnerFailed(f"learner rank 0 failed in {what}: {_cause(e)}") from None
+                        raise LearnerFailed(f"learner rank 0 failed in {what}: {summary(e)}") from None
                     pool, i = self.engines[member - 1]
                     raise ReplicaFailed(f"{pool.name} replica {i} failed in {what} over {self.backend} "
-                                        f"({_cause(e)}); the other members cannot finish the collective "
+                                        f"({summary(e)}); the other members cannot finish the collective "
                                         "without it, so the run stops: resume from the last checkpoint") from None
         return ray.get(refs)

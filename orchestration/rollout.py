@@ -18,7 +18,7 @@ from typing import Iterator
 import ray
 
 from actors.engines.protocol import GenerationRequest, GenerationResult, SamplingParams
-from actors.judge import JudgeItem, Judgement, MetaItem
+from actors.judges.protocol import JudgeItem, Judgement, MetaItem
 
 from . import meta
 from .cluster import RECOVERABLE
@@ -115,7 +115,9 @@ class RolloutPipeline:
 
     def __init__(self, generators, judges, records: Iterator[PromptRecord], *, tokenizer,
                  sampling: SamplingParams, num_responses: int, num_evals: int, chunk_size: int, seed: int,
-                 iteration: int, meta_reward_regex: str | None = None):
+                 iteration: int, meta_judge: bool = False, score_regex: str | None = None):
+        """`meta_judge`: run the meta-judge on each prompt's most disputed response, its judgements shown with
+        their score lines removed by `score_regex` (the judge's judge.reward_regex)."""
         self.generators, self.judges = generators, judges
         self._records = records
         self.tokenizer = tokenizer
@@ -123,9 +125,11 @@ class RolloutPipeline:
         self.n, self.k = num_responses, num_evals
         self.chunk_size = chunk_size
         self.seed, self.iteration = seed, iteration
-        self.meta_reward_regex = meta_reward_regex  # set: run the meta-judge, stripping scores with it
+        self.meta_judge, self.score_regex = meta_judge, score_regex
         if num_evals and not judges:
             raise ValueError("judging needs at least one judge replica")
+        if meta_judge and score_regex is None:
+            raise ValueError("the meta-judge needs the judge's score regex (to strip scores from judgements)")
         self._chunks: deque[_Chunk] = deque()
         self._submitted = 0
         self._judge_calls = 0
@@ -224,7 +228,7 @@ class RolloutPipeline:
         for record, responses, texts in zip(chunk.records, chunk.responses, chunk.texts):
             judgements = [next(judged) if r.finish_reason == "stop" else None for r in responses]
             chunk.scored.append(ScoredPrompt(record, responses, texts, judgements))
-        if self.meta_reward_regex is None or not self._start_meta(chunk):
+        if not self.meta_judge or not self._start_meta(chunk):
             chunk.result = chunk.scored
 
     def _start_meta(self, chunk: _Chunk) -> bool:
@@ -245,8 +249,8 @@ class RolloutPipeline:
             for a, b in orders:
                 items.append(MetaItem(
                     r.user_text, scored.texts[candidate],
-                    meta.strip_score(texts[distinct[a]], self.meta_reward_regex),
-                    meta.strip_score(texts[distinct[b]], self.meta_reward_regex),
+                    meta.strip_score(texts[distinct[a]], self.score_regex),
+                    meta.strip_score(texts[distinct[b]], self.score_regex),
                     derive_seed(self.seed, self.iteration, r.index, candidate, a, b, "meta")))
         if not items:
             return False

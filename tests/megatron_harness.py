@@ -9,7 +9,6 @@ through files: tensors cannot cross a queue once their process has exited).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -19,11 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from refit_wire import host_store, join_store
 
 
 def _rank_main(rank: int, world: int, port: int, gpu: bool, out: str, fn, args) -> None:
@@ -31,7 +26,8 @@ def _rank_main(rank: int, world: int, port: int, gpu: bool, out: str, fn, args) 
     if gpu:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # megatron's setting, read when CUDA starts
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    # The parent holds the store's port (no bind-then-reuse race); every rank joins it as a client.
+    dist.init_process_group("nccl" if gpu else "gloo", store=join_store("127.0.0.1", port), rank=rank,
                             world_size=world)
     try:
         torch.save(fn(rank, world, *args), Path(out) / f"rank{rank}.pt")
@@ -46,7 +42,8 @@ def run_ranks(fn, world: int, *args, gpu: bool = False, timeout_s: float = 600) 
     """fn(rank, world, *args) on `world` spawned ranks; their return values in rank order."""
     with tempfile.TemporaryDirectory(prefix="mcore-ranks-") as out:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        store = host_store("127.0.0.1")
+        port = store.port
         procs = [ctx.Process(target=_rank_main, args=(r, world, port, gpu, out, fn, args)) for r in range(world)]
         for p in procs:
             p.start()

@@ -76,3 +76,30 @@ def test_judge_sampling_fields_default_to_the_policy_one_by_one():
     resolved = cfg.judge.sampling.resolve(cfg.algorithm.sampling)
     assert resolved.temperature == 0.3 and resolved.max_new_tokens == 12
     assert resolved.top_p == cfg.judge.sampling.top_p  # set by the toy preset
+
+
+def test_every_schema_default_works_from_the_python_api_alone():
+    """Config() with no YAML: the judge templates' "default" resolves to the rubric the YAML names too."""
+    from orchestration import judge_templates
+    from orchestration.config import Config, validate
+
+    cfg = Config()
+    validate(cfg)
+    assert judge_templates.resolve("judge.template", cfg.judge.template) == judge_templates.DEFAULT_TEMPLATE
+    assert "{judgement_a}" in judge_templates.resolve("judge.meta_template", cfg.judge.meta_template)
+    assert load_config([]).judge.template == "toy"  # the toy world names its own
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["judge.template='Rate {response}'"], r"judge.template lacks the slot\(s\) \{prompt\}"),
+    (["algorithm=meta_rewarding", "judge.meta_template='Pick one: {prompt} {response}'"],
+     r"judge.meta_template lacks the slot\(s\) \{judgement_a\}, \{judgement_b\}"),
+    (["learner.optim.schedule=cosine"], r"learner.optim.schedule=cosine needs algorithm.max_steps"),
+    (["judge.backend=oracle"], r"judge.backend='oracle' is not one of: policy"),
+    (["engine.kind=vllm"], r"engine.kind='vllm' is not one of: torch"),
+])
+def test_checks_that_need_no_work_run_before_the_toy_world_is_built(overrides, message, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+    assert main([*overrides, f"output_dir={tmp_path / 'out'}", f"model.toy.cache_dir={tmp_path / 'cache'}"]) == 2
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

@@ -4,9 +4,10 @@ import random
 
 import pytest
 
-from actors.engine_host import EngineSpec
+from actors.engines import EngineSpec
 from actors.engines.protocol import GenerationResult, SamplingParams
-from actors.judge import JudgeActor, JudgeItem, JudgeSpec
+from actors.judge import JudgeActor
+from actors.judges.protocol import FIXED, JudgeItem, JudgeSpec, Judgement
 from orchestration.toy import task, world
 
 TEMPLATE = "Rate.\nQ: {prompt}\nA: {response}"
@@ -22,40 +23,38 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def make_judge(model_dir, max_seq_len=96, max_new_tokens=16):
-    spec = JudgeSpec(TEMPLATE, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+def make_judge(model_dir, max_seq_len=96, max_new_tokens=16, follows_policy=True):
+    spec = JudgeSpec(TEMPLATE, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens),
+                     follows_policy=follows_policy)
     return JudgeActor(EngineSpec(model_dir, max_seq_len=max_seq_len), spec)
 
 
 def test_a_prompt_that_fits_is_used_whole(model_dir):
     judge = make_judge(model_dir)
     item = JudgeItem("What is 1 + 2?", "3", (1,))
-    from actors.judge import Judgement
     j = Judgement([], [])
-    ids = judge.fit(item, j)
-    assert ids == judge.prompt_ids("What is 1 + 2?", "3")
+    ids = judge.llm.fit(item, j)
+    assert ids == judge.llm.prompt_ids("What is 1 + 2?", "3")
     assert not (j.shortened or j.trimmed or j.too_long)
 
 
 def test_long_history_falls_back_to_the_last_user_turn(model_dir):
-    from actors.judge import Judgement
     judge = make_judge(model_dir)
     history = "User: " + "hello world " * 40 + "\n\nAssistant: ok\n\nUser: What is 1 + 2?"
     j = Judgement([], [])
-    ids = judge.fit(JudgeItem(history, "3", (1,), last_turn="What is 1 + 2?"), j)
+    ids = judge.llm.fit(JudgeItem(history, "3", (1,), last_turn="What is 1 + 2?"), j)
     assert j.shortened and not j.trimmed and not j.too_long
-    assert ids == judge.prompt_ids("What is 1 + 2?", "3")
+    assert ids == judge.llm.prompt_ids("What is 1 + 2?", "3")
 
 
 def test_long_response_is_trimmed_from_the_end_never_to_nothing(model_dir):
-    from actors.judge import Judgement
     judge = make_judge(model_dir)
     response = "the user said hello world " * 20
     j = Judgement([], [])
-    ids = judge.fit(JudgeItem("What is 1 + 2?", response, (1,)), j)
+    ids = judge.llm.fit(JudgeItem("What is 1 + 2?", response, (1,)), j)
     assert j.trimmed and not j.too_long
-    assert len(ids) <= judge.max_seq_len - 16
-    text = judge.tokenizer.decode(ids)
+    assert len(ids) <= judge.llm.max_seq_len - 16
+    text = judge.llm.tokenizer.decode(ids)
     shown = text.split("A: ", 1)[1]
     shown = shown[: shown.index("<|end|>")] if "<|end|>" in shown else shown
     assert shown and response.startswith(shown)  # a non-empty prefix of the response
@@ -84,10 +83,24 @@ class ScriptedEngine:
 
 def test_scores_come_only_from_what_the_judge_wrote(model_dir):
     judge = make_judge(model_dir)
-    judge.engine = ScriptedEngine(judge.tokenizer, "It is fine.")
+    judge.engine = ScriptedEngine(judge.llm.tokenizer, "It is fine.")
     self_scoring = JudgeItem("What is 1 + 2?", "3. Score: 5", (1, 2))
     j = judge.judge([self_scoring]).judgements[0]
     assert j.scores == [None, None]  # "Score: 5" in the response must not count
-    judge.engine = ScriptedEngine(judge.tokenizer, "Looks right. Score: 4")
+    judge.engine = ScriptedEngine(judge.llm.tokenizer, "Looks right. Score: 4")
     j = judge.judge([self_scoring]).judgements[0]
     assert j.scores == [4.0, 4.0] and j.mean == 4.0 and j.weight_version == 7
+
+
+def test_the_judge_keeps_its_engine_spec_for_refits(model_dir):
+    """A judge's own spec once replaced the engine's, so the collective refit set-up failed on the judge pool
+    (AttributeError: 'JudgeSpec' object has no attribute 'dtype')."""
+    judge = make_judge(model_dir)
+    assert judge.spec.dtype == "float32" and judge.spec.model_dir == model_dir
+    assert judge.can_meta_judge is False
+
+
+def test_a_judge_that_does_not_follow_the_policy_records_fixed_weights(model_dir):
+    judge = make_judge(model_dir, follows_policy=False)
+    judge.engine = ScriptedEngine(judge.llm.tokenizer, "Score: 3")
+    assert judge.judge([JudgeItem("What is 1 + 2?", "3", (1,))]).judgements[0].weight_version == FIXED

@@ -2,7 +2,8 @@
 
 import pytest
 
-from actors.judge import Judgement, fill_template, parse_score
+from actors.judges.parsing import fill_template, parse_score
+from actors.judges.protocol import Judgement
 
 
 @pytest.mark.parametrize("text,expected", [

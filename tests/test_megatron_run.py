@@ -1,4 +1,5 @@
-"""Self-Rewarding end to end on the toy world with the megatron learner at tensor parallel 2 (2 workers)."""
+"""Self-Rewarding end to end on the toy world with the megatron learner at tensor parallel 2 (2 workers), its
+judge pool and collective refits over gloo (both ranks take part in gathering the weights)."""
 
 import json
 import math
@@ -24,6 +25,7 @@ def megatron_run(ray_session, toy_cache, tmp_path_factory):
         "learner.backend=megatron", "learner.tensor_parallel=2", "cluster.learner.workers=2",
         f"algorithm.global_batch_size={GBS}", "algorithm.micro_batch_size=4", "algorithm.max_iterations=2",
         "algorithm.limit_train_batches=0.5",
+        "cluster.refit_transport=gloo",  # docs/megatron.md's GPU layout refits by NCCL: the same code on CPU
     ])
     result = run(cfg)
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from actors.judge import parse_verdict
+from actors.judges.parsing import parse_verdict
 from orchestration import meta
 
 

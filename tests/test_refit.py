@@ -5,7 +5,7 @@ import time
 import pytest
 import ray
 
-from actors.engine_host import EngineSpec
+from actors.engines import EngineSpec
 from actors.engines.protocol import GenerationRequest, SamplingParams
 from actors.generator import GeneratorActor
 from learner.group import LearnerGroup, LearnerSpec

@@ -13,15 +13,14 @@ import ray
 import torch
 from safetensors.torch import load_file
 
-from actors.engine_host import EngineSpec
+from actors.engines import EngineSpec
 from actors.engines.protocol import GenerationRequest, SamplingParams
-from actors.engines.torch_engine import TorchEngine
 from actors.generator import GeneratorActor
-from learner.export import bucket_layout
 from learner.group import LearnerGroup, LearnerSpec
 from learner.types import LossConfig, OptimConfig, TrainSample
 from orchestration.cluster import RECOVERABLE, EnginePool, Pools, ReplicaFailed, engine_actor
 from orchestration.config import ConfigError, load_config, refit_transport
+from orchestration.errors import RefitFailed
 from orchestration.refit import refit, use_collective
 
 BATCH = [TrainSample([2, 3], [4, 5], [6, 7]), TrainSample([8], [9, 10], [11])] * 2
@@ -96,26 +95,6 @@ def test_gloo_refit_gives_every_engine_the_learners_weights_and_version(ray_sess
     _shutdown(group, gens, judges)
 
 
-def test_engine_rejects_a_bad_layout_and_keeps_its_weights(tiny_llama):
-    engine = TorchEngine(tiny_llama, max_batch_size=2)
-    before = {n: t.clone() for n, t in engine.named_parameters_hf().items()}
-    layout = bucket_layout(engine.named_parameters_hf().items(), bucket_bytes=4096)
-    engine.check_layout(layout)
-    first = layout[0]
-    bad = {
-        "unknown parameter 'model.layers.7.mlp.up_proj.weight'": [{**first, "names": ["model.layers.7.mlp.up_proj.weight", *first["names"][1:]]}, *layout[1:]],
-        "missing parameters": layout[1:],
-        "has shape": [{**first, "shapes": [(3, 3), *first["shapes"][1:]]}, *layout[1:]],
-        "outside the": [{**first, "nbytes": first["nbytes"] - 64}, *layout[1:]],
-        "not aligned": [{**first, "offsets": [2, *first["offsets"][1:]]}, *layout[1:]],
-    }
-    for message, layout_ in bad.items():
-        with pytest.raises(ValueError, match=message):
-            engine.check_layout(layout_)
-    after = engine.named_parameters_hf()
-    assert all(torch.equal(before[n], after[n]) for n in before)
-
-
 @pytest.mark.slow
 def test_a_layout_an_engine_rejects_stops_before_anything_is_sent(ray_session, tiny_llama, tmp_path):
     """A replica whose model does not match the learner's refuses the layout: the build fails naming it, and
@@ -131,7 +110,7 @@ def test_a_layout_an_engine_rejects_stops_before_anything_is_sent(ray_session, t
     group = _learner(tiny_llama, workers=1)
     gens = EnginePool("generator", _engines(tiny_llama, 1) + _engines(str(other), 1), 0)
     before = _digests(gens)
-    with pytest.raises(ValueError, match=r"generator replica 1 rejected the refit layout: .*mlp.* has shape"):
+    with pytest.raises(RefitFailed, match=r"generator replica 1 rejected the refit layout: .*mlp.* has shape"):
         use_collective(Pools(gens, EnginePool("judge", [], 0), group), "gloo", bucket_bytes=2048)
     assert _digests(gens) == before and _versions(gens) == [0, 0]
     _shutdown(group, gens)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from actors.engine_host import EngineSpec
+from actors.engines import EngineSpec
 from actors.engines.protocol import GenerationRequest, SamplingParams
 from actors.generator import GeneratorActor
 from learner.group import LearnerGroup, LearnerSpec

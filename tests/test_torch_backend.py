@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.backends.torch_backend import TorchBackend
-from learner.export import pack_buckets
+from refit_wire import pack_buckets
 from learner.types import LossConfig, OptimConfig, TrainSample
 
 

@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from learner.backends.torch_backend import TorchBackend, _collate, _ResponseLogprobs, _token_logprobs
+from learner.backends.torch_backend import TorchBackend, _ResponseLogprobs, _token_logprobs
+from learner.objective import collate as _collate
 from learner.types import LossConfig, OptimConfig, TrainSample
 
 VOCAB = 64

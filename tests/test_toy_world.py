@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.engines.protocol import GenerationRequest, SamplingParams
 from actors.engines.torch_engine import TorchEngine
-from actors.judge import parse_score
+from actors.judges.parsing import parse_score
 from orchestration.toy import task, world
 
 

@@ -1,16 +1,78 @@
-"""Inference engines behind one protocol (protocol.py)."""
+"""Inference engines behind one protocol (protocol.py), built from an `EngineSpec` through a registry.
+
+A new engine is one module with a class that satisfies `Engine` (including `from_spec`) plus one line in
+`ENGINES`; tests/test_engine_contract.py then holds it to the same behaviour as the others.
+"""
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
 from .protocol import Engine
 
-ENGINES = ("torch",)
+# engine.kind -> "module:Class". Import strings, not classes: an engine whose package (say tensorrt_llm) is
+# not installed must not break importing this package or building the other engines.
+ENGINES: dict[str, str] = {
+    "torch": "actors.engines.torch_engine:TorchEngine",
+}
+
+# Default context cap (tokens) when the spec asks for none. Engines preallocate a KV cache for every slot at
+# the full context, so a model's whole window (128k positions for Llama 3.x) would reserve memory for
+# lengths that prompts plus responses in these algorithms never reach.
+DEFAULT_MAX_CONTEXT = 4096
 
 
-def make_engine(kind: str, model_dir: str, **kwargs) -> Engine:
-    """Build the engine named by `kind` for the Hugging Face checkpoint in `model_dir`."""
-    if kind == "torch":
-        from .torch_engine import TorchEngine
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine replica is built from (plain data: it travels to Ray actors)."""
 
-        return TorchEngine(model_dir, **kwargs)
-    raise ValueError(f"unknown engine {kind!r}; available: {', '.join(ENGINES)}")
+    model_dir: str  # a Hugging Face checkpoint directory
+    kind: str = "torch"  # a key of ENGINES
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch_size: int = 64
+    max_seq_len: int | None = None  # the context (prompt + generated tokens); None: see context_length
+    torch_threads: int = 1  # CPU threads per replica; several replicas share the machine's cores
+    weight_version: int = 0  # the version the weights in model_dir are (a resumed run starts above 0)
+    # Engine-specific settings (for torch: max_prefill_tokens, cuda_graphs, decode_kernel), checked by the
+    # engine: a key it does not take is an error, not silently ignored.
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def context_length(model_dir: str, requested: int | None) -> int:
+    """The context an engine serves for the checkpoint in `model_dir`: `requested` when set, otherwise the
+    model's max_position_embeddings capped at DEFAULT_MAX_CONTEXT. Engines size their caches by it and
+    callers bound prompt lengths by it, so both ask here."""
+    if requested:
+        return requested
+    from transformers import AutoConfig
+
+    return min(AutoConfig.from_pretrained(model_dir).max_position_embeddings, DEFAULT_MAX_CONTEXT)
+
+
+def check_options(spec: EngineSpec, known: Iterable[str]) -> None:
+    """ValueError naming the first key of `spec.options` that the engine of `spec.kind` does not take."""
+    known = sorted(known)
+    for key in spec.options:
+        if key not in known:
+            raise ValueError(f"engine.options.{key} is not an option of the {spec.kind!r} engine; "
+                             f"its options: {', '.join(known) or 'none'}")
+
+
+def engine_class(kind: str) -> type:
+    """The class registered for `kind`, imported now. ValueError for an unknown kind; ImportError (its `name`
+    the missing module) when the engine's package is not installed."""
+    if kind not in ENGINES:
+        raise ValueError(f"engine.kind={kind!r} is not a known engine; known: {', '.join(ENGINES)}")
+    module, _, cls = ENGINES[kind].partition(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise ImportError(f"engine.kind={kind!r} cannot be used here: {e}", name=e.name) from e
+
+
+def make_engine(spec: EngineSpec) -> Engine:
+    """Build the engine `spec.kind` names for the checkpoint in `spec.model_dir`."""
+    return engine_class(spec.kind).from_spec(spec)

@@ -21,10 +21,6 @@ except ImportError:  # CPU-only installs: the engine uses the eager modules ther
     triton = None
 
 
-def available(device: torch.device) -> bool:
-    return triton is not None and device.type == "cuda"
-
-
 if triton is not None:
 
     @triton.jit

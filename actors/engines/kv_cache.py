@@ -8,8 +8,8 @@ allocated once when the engine starts and never resized. Dimension 1 is the *slo
 sequence owns one slot for its whole life, and position ``p`` of that sequence lives at
 ``[:, slot, :, p, :]``. The cache itself stores no lengths; the engine tracks each slot's position and
 passes it in, so a freed slot is reused simply by prefilling over it (stale entries beyond the new
-sequence's position are never attended to, because the decode mask only admits keys at positions <= the
-query's own position).
+sequence's position are never attended to: decode admits only keys at positions <= the query's own,
+through a mask on the SDPA path and per-slot lengths in the Triton kernel).
 
 Two write paths:
 
@@ -21,8 +21,9 @@ Two write paths:
 
 Decode only touches the contiguous prefix of slots [0, B) (the engine hands out the lowest free slot
 first), so reads are views, not gathers, and every shape in a decode step depends only on (B, kv_len).
-A GPU path can therefore capture one CUDA graph per batch-size bucket with kv_len = max_seq_len, feeding
-tokens and positions through static tensors, without changing this module.
+That is what lets the GPU path (cuda_graphs.py) capture one CUDA graph per (B rounded up to a power of
+two, kv_len = `decode_window`: a power of two of at least 256, at most max_seq_len) and replay it with
+tokens and positions fed through static tensors.
 """
 
 from __future__ import annotations

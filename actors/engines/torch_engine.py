@@ -30,18 +30,36 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from actors.engines import decode_attention
+from actors.engines import EngineSpec, check_options, context_length, decode_attention
 from actors.engines.cuda_graphs import DecodeGraphs, decode_window
 from actors.engines.llama import ForwardContext, ModelArgs, Transformer, hf_views
 from actors.engines.protocol import FinishReason, GenerationRequest, GenerationResult, WeightBucket
 from actors.engines.sampling import sample_tokens, split_seed, token_logprobs
-from actors.engines.weights import entry_views, layout_spans, torch_dtype, unpack_bucket
+from refit_wire import entry_views, layout_spans, torch_dtype, unpack_bucket
 
 KV_LEN_BUCKET = 64  # CPU decode attends over a multiple of this many cache positions (fewer distinct shapes)
 LOGITS_CHUNK = 1024  # rows per lm_head call in `score`, bounding the [rows, vocab] buffer
 
 
 class TorchEngine:
+    # What EngineSpec.options may set (the keyword arguments of __init__ past the spec's own fields), with
+    # the values each takes. `type(v) is` keeps True from passing as an int.
+    OPTIONS = {
+        "max_prefill_tokens": (lambda v: type(v) is int and v >= 1, "a positive integer"),
+        "cuda_graphs": (lambda v: type(v) is bool, "true or false"),
+        "decode_kernel": (lambda v: v is None or type(v) is bool, "true, false or null"),
+    }
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec) -> "TorchEngine":
+        check_options(spec, cls.OPTIONS)
+        for key, value in spec.options.items():
+            valid, wanted = cls.OPTIONS[key]
+            if not valid(value):
+                raise ValueError(f"engine.options.{key} must be {wanted}, got {value!r}")
+        return cls(spec.model_dir, device=spec.device, dtype=spec.dtype, max_batch_size=spec.max_batch_size,
+                   max_seq_len=spec.max_seq_len, weight_version=spec.weight_version, **spec.options)
+
     def __init__(
         self,
         model_dir: str,
@@ -59,7 +77,7 @@ class TorchEngine:
         Triton is installed; True elsewhere only under Triton's interpreter, for tests)."""
         self.device = torch.device(device)
         config = AutoConfig.from_pretrained(model_dir)
-        self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
+        self.max_seq_len = context_length(model_dir, max_seq_len)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.args = ModelArgs.from_hf_config(config, self.max_seq_len)

@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -36,14 +34,12 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, A
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging as hf_logging
 
-from .. import losses, objective
-from ..export import DEFAULT_BUCKET_BYTES, pack_buckets
+from refit_wire import DEFAULT_BUCKET_BYTES, pack_buckets
+
+from .. import checkpoint_files, losses, objective
 from ..schedule import lr_at
 from ..types import LossConfig, OptimConfig, TrainSample
 
-# Order of the per-step sums reduced across ranks (see _micro_step).
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
 DTYPES = ("float32", "bfloat16")
 # Architectures whose logits are exactly lm_head(final hidden state) (no scaling or soft-capping in the
 # CausalLM head): for these the head runs only on the positions whose log-prob the loss uses.
@@ -82,6 +78,8 @@ def _sdpa_priority():
 
 
 class TorchBackend:
+    gathers_weights = False  # rank 0 holds the full weights (DDP replicates them)
+
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
                  rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None):
         if dtype not in DTYPES:
@@ -172,7 +170,7 @@ class TorchBackend:
         return sums, grad_norm, lr, preference
 
     def _micro_step(self, chunk: Sequence[TrainSample], cfg: LossConfig, preference: bool):
-        batch = _collate(*objective.batch_rows(chunk, preference), self.device)
+        batch = objective.collate(*objective.batch_rows(chunk, preference), self.device)
         token_logp = _token_logprobs(self.model, batch)
         ref_logp = None
         if preference:  # chosen and rejected ran as one batch above; the reference runs the same batch
@@ -198,7 +196,7 @@ class TorchBackend:
         mb = max(1, self.optim_cfg.micro_batch_size)
         for i in range(0, len(samples), mb):
             chunk = samples[i : i + mb]
-            batch = _collate([s.prompt_ids for s in chunk], [s.chosen_ids for s in chunk], self.device)
+            batch = objective.collate([s.prompt_ids for s in chunk], [s.chosen_ids for s in chunk], self.device)
             token_logp = _token_logprobs(self.policy, batch)
             sums[0] -= token_logp.sum().double()
             sums[1] += batch["mask"].sum().double()
@@ -212,7 +210,7 @@ class TorchBackend:
         """Per-token log-probs of each response given its prompt, under the policy or the reference."""
         runner = self.reference_logprobs if reference else self.policy
         runner.eval()
-        batch = _collate(prompts, responses, self.device)
+        batch = objective.collate(prompts, responses, self.device)
         token_logp = _token_logprobs(runner, batch).cpu()
         mask = batch["mask"].cpu()
         return [row[m.bool()].tolist() for row, m in zip(token_logp, mask)]
@@ -254,36 +252,25 @@ class TorchBackend:
         masters, so a resumed run continues from exactly the weights the optimizer holds."""
         if self.rank != 0:
             return
-        final = Path(path)
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if self.master is None:
-            self.module.save_pretrained(tmp, safe_serialization=True)
-        else:
-            self.module.save_pretrained(tmp, safe_serialization=True, state_dict=self.master.state_dict(self.module))
-            _set_config_dtype(tmp, "float32")  # save_pretrained records the model's (bf16) dtype
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        torch.save({"optimizer": self.optimizer.state_dict(), "step": self.step}, tmp / OPTIMIZER_FILE)
-        torch.save(rng_states or [self.rng_state()], tmp / RNG_FILE)
-        with open(tmp / "learner_state.json", "w") as f:
-            json.dump({"step": self.step, "world_size": self.world_size}, f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with checkpoint_files.publish(path) as tmp:
+            if self.master is None:
+                self.module.save_pretrained(tmp, safe_serialization=True)
+            else:
+                self.module.save_pretrained(tmp, safe_serialization=True,
+                                            state_dict=self.master.state_dict(self.module))
+                _set_config_dtype(tmp, "float32")  # save_pretrained records the model's (bf16) dtype
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            checkpoint_files.write_optimizer(tmp, {"optimizer": self.optimizer.state_dict(), "step": self.step})
+            checkpoint_files.write_rng_states(tmp, rng_states or [self.rng_state()])
+            checkpoint_files.write_learner_state(tmp, step=self.step, world_size=self.world_size)
 
     def load_training_state(self, path: str) -> None:
         """Optimizer moments, schedule position and this rank's RNG from a checkpoint written by `save`."""
-        state = torch.load(Path(path) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+        state = checkpoint_files.read_optimizer(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        rngs = torch.load(Path(path) / RNG_FILE, map_location="cpu", weights_only=False)
-        if len(rngs) != self.world_size:
-            raise ValueError(f"{path} holds RNG states of {len(rngs)} learner ranks, this group has "
-                             f"{self.world_size}: resume with the same cluster.learner.workers")
-        torch.set_rng_state(rngs[self.rank]["torch"])
-        if "cuda" in rngs[self.rank] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rngs[self.rank]["cuda"])
+        checkpoint_files.set_rng_state(checkpoint_files.read_rng_state(path, self.rank, self.world_size))
 
     # ---- helpers -------------------------------------------------------------------------------------
 
@@ -428,37 +415,3 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
     config = json.loads(config_file.read_text())
     config["dtype"] = dtype
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without waiting for the device's queue (pinned memory, asynchronous copy)."""
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def _collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], device) -> dict:
-    """Right-padded prompt+response batch and the positions the loss reads.
-
-    mask [B, W-1] is aligned with labels = input_ids[:, 1:]: mask[b, t] == 1 when input_ids[b, t+1] is part of
-    the response. rows (into the flattened [B*W] positions) and labels list those positions and their next
-    tokens; index places them in the flattened [B*(W-1)] mask.
-    """
-    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width - 1, dtype=torch.float32)
-    rows, index = [], []
-    for b, (p, s) in enumerate(zip(prompts, seqs)):
-        if not p:
-            raise ValueError("a sample has an empty prompt: the first response token needs a token to be "
-                             "predicted from (add a BOS token or a chat template)")
-        input_ids[b, : len(s)] = torch.tensor(s)
-        mask[b, len(p) - 1 : len(s) - 1] = 1.0
-        positions = torch.arange(len(p) - 1, len(s) - 1)
-        rows.append(b * width + positions)
-        index.append(b * (width - 1) + positions)
-    rows_t, index_t = torch.cat(rows), torch.cat(index)
-    labels = input_ids.view(-1)[rows_t + 1]
-    host = {"input_ids": input_ids, "mask": mask, "rows": rows_t, "labels": labels, "index": index_t}
-    return {k: _to_device(v, torch.device(device)) for k, v in host.items()}

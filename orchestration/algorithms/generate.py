@@ -101,7 +101,7 @@ class BatchGeneration:
     def _generate(self, start_at: int, total: int, summary: GenerationSummary) -> None:
         size = self.cfg.algorithm.rollout_batch_size
         chunks = [range(i, min(i + size, total)) for i in range(start_at, total, size)]
-        in_flight: dict[int, tuple] = {}  # chunk number -> (ref or None, records)
+        in_flight: dict[int, tuple] = {}  # chunk number -> (ref or None, prompts, requests): see _submit
         results: dict[int, list[dict]] = {}
         next_submit, next_write = 0, 0
         started = time.perf_counter()
@@ -137,7 +137,9 @@ class BatchGeneration:
         summary.seconds = time.perf_counter() - started
 
     def _submit(self, number: int, indices: range) -> tuple:
-        """Encode a chunk's prompts and send them to a replica; too-long prompts are kept as skipped."""
+        """Encode a chunk's prompts and send them to a replica; too-long prompts are kept as skipped.
+        Returns (the call's ref, or None when no prompt fits; (index, conversation, encoded) per prompt; the
+        requests, kept to issue again if the replica dies)."""
         prompts, requests = [], []
         for index in indices:
             conv = self.ctx.train[index]

@@ -9,7 +9,6 @@ pipeline stages run, and how a scored prompt becomes pairs.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import random
 import time
@@ -88,6 +87,7 @@ class IterativeAlgorithm:
         self.summaries: list[IterationSummary] = []
         self._table_rows: list[list] = []  # the latest batch's pairs, for the generations table
         self._validated_at, self._val_loss = -1, None
+        self._val_cache: list[TrainSample] | None = None
         self._batcher: GlobalBatcher | None = None  # the current iteration's (its queue is state)
         self._pipeline_now: RolloutPipeline | None = None
         self._sft_position = 0  # SFT iteration: prompts of the epoch order consumed by finished steps
@@ -135,7 +135,7 @@ class IterativeAlgorithm:
                 self.summaries.append(summary)
                 self._table_rows = []
                 if self.ctx.evaluator is not None:
-                    summary.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generators)
+                    summary.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generate)
             start = time.perf_counter()
             self._iteration(summary, mid_state)
             mid_state = None
@@ -152,7 +152,7 @@ class IterativeAlgorithm:
                 raise StopRequested(reason, str(path))
         if self.ctx.evaluator is not None:
             final = IterationSummary(len(self.summaries))
-            final.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generators)
+            final.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generate)
             self.summaries.append(final)
         return self.summaries
 
@@ -403,18 +403,17 @@ class IterativeAlgorithm:
         self.ctx.log(f"[validation] step {self.step}: val/loss={loss:.4f}")
         return loss
 
-    @functools.cache
     def _val_samples(self) -> list[TrainSample]:
         """The validation answers, tokenised once (limit_val_batches applied)."""
-        if self.ctx.val is None:
-            return []
-        a = self.cfg.algorithm
-        samples = []
-        for i in range(limited(len(self.ctx.val), a.limit_val_batches, a.global_batch_size)):
-            encoded = self.ctx.encode(self.ctx.val[i])
-            if encoded is not None and encoded.answer_ids is not None:
-                samples.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
-        return samples
+        if self._val_cache is None:
+            self._val_cache = []
+            a = self.cfg.algorithm
+            count = limited(len(self.ctx.val), a.limit_val_batches, a.global_batch_size) if self.ctx.val else 0
+            for i in range(count):
+                encoded = self.ctx.encode(self.ctx.val[i])
+                if encoded is not None and encoded.answer_ids is not None:
+                    self._val_cache.append(TrainSample(encoded.prompt_ids, encoded.answer_ids))
+        return self._val_cache
 
     def _after_step(self) -> None:
         """Step-interval work: validation with the generations table, and checkpoints."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 from statistics import fmean
 from typing import Callable
 
+from actors.judges.protocol import FIXED
 from learner.types import TrainSample
 
 from ..batching import Batch, OutcomeStats, PromptOutcome
 from ..config import per_iteration
+from ..errors import WrongWeightVersion
 from .. import meta
 from ..pairs import Candidate, select_pair
 from ..rollout import RolloutPipeline, ScoredPrompt
@@ -36,8 +38,8 @@ class SelfRewarding(IterativeAlgorithm):
         return RolloutPipeline(
             self.pools.generators, self.pools.judges, self._records(iteration, skip), tokenizer=self.ctx.tokenizer,
             sampling=self.sampling, num_responses=a.num_responses_to_gen, num_evals=a.num_evals_to_average,
-            chunk_size=a.rollout_batch_size, seed=self.cfg.seed, iteration=iteration,
-            meta_reward_regex=self.cfg.judge.reward_regex if a.use_meta_judge else None)
+            chunk_size=a.rollout_batch_size, seed=self.cfg.seed, iteration=iteration, meta_judge=a.use_meta_judge,
+            score_regex=self.cfg.judge.reward_regex)
 
     def _judge_pair_cap(self) -> int:
         a = self.cfg.algorithm
@@ -45,10 +47,15 @@ class SelfRewarding(IterativeAlgorithm):
 
     def _outcomes(self, scored: ScoredPrompt, summary: IterationSummary) -> list[PromptOutcome]:
         rho = per_iteration(self.cfg.algorithm.length_control, summary.iteration)
-        versions = {r.weight_version for r in scored.responses} | {j.weight_version for j in scored.judgements if j}
-        if versions != {self.version}:  # inside an iteration everything must come from M_t
-            raise RuntimeError(f"prompt {scored.record.index} was served by weight versions {sorted(versions)}, "
-                               f"expected {self.version}")
+        # Inside an iteration every response, and every judgement of a judge that follows the policy, comes
+        # from M_t; a fixed judge's judgements say so.
+        judge_version = self.version if self.pools.judges.follows_policy else FIXED
+        versions = ({("response", r.weight_version) for r in scored.responses}
+                    | {("judgement", j.weight_version) for j in scored.judgements if j})
+        expected = {("response", self.version)} | ({("judgement", judge_version)} if any(scored.judgements) else set())
+        if versions != expected:
+            raise WrongWeightVersion(f"prompt {scored.record.index} was served by weight versions "
+                                     f"{sorted(versions, key=str)}, expected {sorted(expected, key=str)}")
         candidates = [Candidate(tuple(r.token_ids), r.finish_reason == "stop",
                                 j.mean if j else None, j.variance if j else None)
                       for r, j in zip(scored.responses, scored.judgements)]

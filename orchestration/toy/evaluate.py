@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ray
+from typing import Callable
 
-from actors.engines.protocol import GenerationRequest, SamplingParams
+from actors.engines.protocol import GenerationRequest, GenerationResult, SamplingParams
 
 from ..chat import ChatRenderer
 from ..data import JsonlDataset
@@ -17,13 +17,10 @@ class ToyEvaluator:
         self.items = [(renderer.prompt_ids(c.prompt_messages), c.metadata["answer"]) for c in held_out]
         self.sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
 
-    def task_accuracy(self, generators: list) -> float:
-        """Fraction of held-out questions the policy answers exactly right, greedy, spread over the pool."""
-        requests = [GenerationRequest(ids, self.sampling) for ids, _ in self.items]
-        share = -(-len(requests) // len(generators))
-        batches = ray.get([g.generate.remote(requests[i * share : (i + 1) * share])
-                           for i, g in enumerate(generators)])
-        results = [r for b in batches for r in b.results]
+    def task_accuracy(self, generate: Callable[[list[GenerationRequest]], list[GenerationResult]]) -> float:
+        """Fraction of held-out questions the policy answers exactly right, greedy. `generate` serves the
+        requests (the run passes Pools.generate: spread over the pool, with health checks and restarts)."""
+        results = generate([GenerationRequest(ids, self.sampling) for ids, _ in self.items])
         correct = sum(task.is_correct(self.tokenizer.decode(r.token_ids, skip_special_tokens=True), answer)
                       for r, (_, answer) in zip(results, self.items))
         return correct / len(self.items)

@@ -253,7 +253,7 @@ def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: 
 
     from actors.engines.protocol import GenerationRequest, SamplingParams
     from actors.engines.torch_engine import TorchEngine
-    from actors.judge import parse_score
+    from actors.judges.parsing import parse_score
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     engine = TorchEngine(str(model_dir), max_batch_size=128)
@@ -276,7 +276,7 @@ def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: 
         "judge_accuracy": round(sum(s == t for s, t in parsed) / max(1, len(parsed)), 3),
     }
     if meta:
-        from actors.judge import parse_verdict
+        from actors.judges.parsing import parse_verdict
 
         probes = [_meta_example(rng, max(p.answer for p in val)) for _ in range(len(val))]
         verdicts = [parse_verdict(v) for v in ask([q for q, _ in probes], 40)]

@@ -4,8 +4,8 @@ One instance per rank; world size = tensor_parallel x pipeline_parallel x data p
 ranks tensor-parallel first, then data parallel, then pipeline stage, so global rank 0 is tensor rank 0,
 data rank 0 of the first stage: the rank that returns exports and writes checkpoints, as in the torch backend.
 
-Same contract as `TorchBackend` (train_step, sft_nll, logprobs, update_reference, reset_optimizer,
-named_weights, export_buckets, rng_state, save, load_training_state), with these megatron specifics:
+The `LearnerBackend` contract (learner/backends/__init__.py), with `gathers_weights`, and these megatron
+specifics:
 - Every step runs megatron's pipeline schedule (`get_forward_backward_func`): first the frozen reference
   model forward-only over the step's micro-batches (its per-token log-probs stay on the last stage), then
   the policy forward and backward. A micro-batch holds the chosen and rejected rows of the same pairs, so
@@ -23,10 +23,7 @@ named_weights, export_buckets, rng_state, save, load_training_state), with these
 from __future__ import annotations
 
 import functools
-import json
 import os
-import shutil
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +33,9 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-from ... import objective
-from ...export import DEFAULT_BUCKET_BYTES, pack_buckets
+from refit_wire import DEFAULT_BUCKET_BYTES, pack_buckets
+
+from ... import checkpoint_files, objective
 from ...schedule import lr_at
 from ...types import LossConfig, OptimConfig, TrainSample
 from . import convert, hf_checkpoint
@@ -52,11 +50,6 @@ with warnings.catch_warnings():  # "Apex/Transformer Engine not installed, falli
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
-STATE_FILE = "learner_state.json"
-
-
 @dataclass
 class _MicroBatch:
     """One micro-batch as every stage sees it (rows: chosen then rejected for pairs)."""
@@ -70,6 +63,8 @@ class _MicroBatch:
 
 
 class MegatronBackend:
+    gathers_weights = True  # weights are sharded over tensor and pipeline ranks: exports and saves gather them
+
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
                  rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None,
                  tensor_parallel: int = 1, pipeline_parallel: int = 1):
@@ -277,23 +272,17 @@ class MegatronBackend:
         optimizer_states = self._gather_optimizer_states()
         if self.rank != 0:
             return
-        final = Path(path)
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf_checkpoint.write(tmp, weights, self.hf_config, self.generation_config, self.tokenizer)
-        torch.save({"step": self.step, "tensor_parallel": self.tp, "pipeline_parallel": self.pp,
-                    "ranks": optimizer_states}, tmp / OPTIMIZER_FILE)
-        torch.save(rng_states or [self.rng_state()], tmp / RNG_FILE)
-        with open(tmp / STATE_FILE, "w") as f:
-            json.dump({"step": self.step, "world_size": self.world_size, "backend": "megatron",
-                       "tensor_parallel": self.tp, "pipeline_parallel": self.pp}, f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with checkpoint_files.publish(path) as tmp:
+            hf_checkpoint.write(tmp, weights, self.hf_config, self.generation_config, self.tokenizer)
+            checkpoint_files.write_optimizer(tmp, {"step": self.step, "tensor_parallel": self.tp,
+                                                   "pipeline_parallel": self.pp, "ranks": optimizer_states})
+            checkpoint_files.write_rng_states(tmp, rng_states or [self.rng_state()])
+            checkpoint_files.write_learner_state(tmp, step=self.step, world_size=self.world_size, backend="megatron",
+                                                 tensor_parallel=self.tp, pipeline_parallel=self.pp)
 
     def load_training_state(self, path: str) -> None:
         """Optimizer moments, schedule position and this rank's RNG from a checkpoint written by `save`."""
-        state = torch.load(Path(path) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+        state = checkpoint_files.read_optimizer(path)
         if "ranks" not in state:
             raise ValueError(f"{path} was not written by the megatron backend: resume with the learner.backend "
                              "that wrote it")
@@ -301,20 +290,14 @@ class MegatronBackend:
             raise ValueError(f"{path} was written with learner.tensor_parallel={state['tensor_parallel']} and "
                              f"learner.pipeline_parallel={state['pipeline_parallel']}; this group has "
                              f"{self.tp} and {self.pp}: resume with the same layout")
-        rngs = torch.load(Path(path) / RNG_FILE, map_location="cpu", weights_only=False)
-        if len(rngs) != self.world_size:
-            raise ValueError(f"{path} holds RNG states of {len(rngs)} learner ranks, this group has "
-                             f"{self.world_size}: resume with the same cluster.learner.workers")
+        mine = checkpoint_files.read_rng_state(path, self.rank, self.world_size)
         blob = state["ranks"].get(f"tp{self.tp_rank}_pp{self.pp_rank}")
         if blob is not None:
             with cuda_on_cpu():
                 _load_optimizer_state(self.optimizer, blob, self.dp_rank == 0)
         self.step = state["step"]
-        mine = rngs[self.rank]
-        torch.set_rng_state(mine["torch"])
+        checkpoint_files.set_rng_state(mine)
         tensor_parallel.get_cuda_rng_tracker().set_states(mine["tracker"])
-        if "cuda" in mine and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(mine["cuda"])
 
     # ---- layout ----------------------------------------------------------------------------------------
 
@@ -451,11 +434,8 @@ def _join_process_group(rank: int, world_size: int, on_gpu: bool) -> None:
         return
     if world_size != 1:
         raise RuntimeError("join the torch.distributed group before creating a multi-rank megatron backend")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=1)
+    # One rank meets only itself: an in-process store, no port to pick.
+    dist.init_process_group("nccl" if on_gpu else "gloo", store=dist.HashStore(), rank=rank, world_size=1)
 
 
 def _init_parallel_state(tp: int, pp: int, seed: int) -> None:
