@@ -186,7 +186,7 @@ class ClusterConfig:
 @dataclass
 class EngineConfig:
     kind: str = "torch"  # actors/engines: the engine of the generators and of local judges
-    options: dict[str, Any] = field(default_factory=dict)  # engine-specific, checked by the engine
+    options: Optional[dict[str, Any]] = None  # engine-specific, checked by the engine; None = none
 
 
 @dataclass
@@ -353,10 +353,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"cluster.max_restarts must be >= 0, got {cfg.cluster.max_restarts}")
     if cfg.max_time_per_run is not None:
         max_seconds(cfg.max_time_per_run)
-    from actors.engines import ENGINES
-
-    if cfg.engine.kind not in ENGINES:
-        raise ConfigError(f"engine.kind={cfg.engine.kind!r} is not one of: {', '.join(ENGINES)}")
+    _validate_engine(cfg)
     if a.name in JUDGED:
         _validate_judge(cfg)
     if a.name != "generate":
@@ -372,6 +369,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face checkpoint directory (no config.json)")
     if cfg.model.path is not None and cfg.data.train_file is None:
         raise ConfigError("data.train_file is required with model.path (the toy data only fits the toy model)")
+
+
+def _validate_engine(cfg: Config) -> None:
+    """engine.kind is registered and takes engine.options (checked by the engine class, nothing built)."""
+    from actors.engines import ENGINES, EngineSpec, engine_class
+
+    if cfg.engine.kind not in ENGINES:
+        raise ConfigError(f"engine.kind={cfg.engine.kind!r} is not one of: {', '.join(ENGINES)}")
+    try:
+        spec = EngineSpec("", kind=cfg.engine.kind, options=dict(cfg.engine.options or {}))
+        engine_class(cfg.engine.kind).check_spec(spec)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_judge(cfg: Config) -> None:

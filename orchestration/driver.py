@@ -312,7 +312,7 @@ def _engine_specs(cfg: Config, weights: _Weights) -> tuple[EngineSpec, EngineSpe
     """The generator and judge engines: the weights the pools start from, each on its pool's device."""
     c = cfg.cluster
     engine = dict(model_dir=weights.engines, dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
-                  weight_version=weights.version, kind=cfg.engine.kind, options=dict(cfg.engine.options))
+                  weight_version=weights.version, kind=cfg.engine.kind, options=dict(cfg.engine.options or {}))
     return (EngineSpec(**engine, device="cuda" if c.generators.num_gpus > 0 else "cpu",
                        max_batch_size=c.generators.max_batch_size),
             EngineSpec(**engine, device="cuda" if c.judges.num_gpus > 0 else "cpu",

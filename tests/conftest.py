@@ -47,6 +47,16 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module's tests: tiny matmuls gain nothing from threads, and on a busy 2-core
+    machine OpenMP barriers make them ~100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """A tiny Llama checkpoint (tied embeddings) with a word-level tokenizer, for refit tests."""

@@ -97,6 +97,8 @@ def test_every_schema_default_works_from_the_python_api_alone():
     (["learner.optim.schedule=cosine"], r"learner.optim.schedule=cosine needs algorithm.max_steps"),
     (["judge.backend=oracle"], r"judge.backend='oracle' is not one of: policy"),
     (["engine.kind=vllm"], r"engine.kind='vllm' is not one of: torch"),
+    (["engine.options={prefill: 64}"], r"engine.options.prefill is not an option of the 'torch' engine"),
+    (["engine.options={cuda_graphs: 3}"], r"engine.options.cuda_graphs must be true or false, got 3"),
 ])
 def test_checks_that_need_no_work_run_before_the_toy_world_is_built(overrides, message, tmp_path, capsys):
     with pytest.raises(ConfigError, match=message):

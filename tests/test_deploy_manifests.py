@@ -196,6 +196,17 @@ def test_validator_schema_rules_without_crds():
 
 # --- (c) the image --------------------------------------------------------------------------------------------
 
+def test_the_image_copies_every_package_the_project_installs():
+    import tomllib
+
+    root = DOCKERFILE.parents[2]
+    include = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in include}
+    copied = set(re.findall(r"^COPY (\S+) \./\1$", DOCKERFILE.read_text(), flags=re.M))
+    assert packages <= copied, f"the Dockerfile does not copy {sorted(packages - copied)}"
+    assert all((root / p / "__init__.py").is_file() for p in packages)
+
+
 def test_every_container_runs_the_promised_image():
     tag = f"selfreward:{_version()}"
     assert DOCKERFILE.is_file()

@@ -19,13 +19,8 @@ from engine_models import CONFIGS, COMMON, EOS, PROMPTS, greedy, hf_greedy, rand
 from refit_wire import bucket_layout, pack_entries, pack_tensors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP barriers make them ~100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny matmuls gain nothing from threads (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module", params=list(ENGINES))
@@ -56,6 +51,23 @@ def llama(kind, checkpoints):
 
 
 # ------------------------------------------------------------------------------------------ registry
+
+
+def test_every_engine_has_every_member_of_the_protocol(kind):
+    """Every method and attribute the protocol states, with the protocol's parameters first."""
+    import inspect
+
+    from actors.engines.protocol import Engine
+
+    cls = engine_class(kind)
+    for name, ours in vars(Engine).items():
+        if name.startswith("_") or not callable(getattr(ours, "__func__", ours)):
+            continue
+        theirs = inspect.getattr_static(cls, name, None)
+        assert theirs is not None, f"{cls.__name__} lacks {name}"
+        wanted = list(inspect.signature(getattr(ours, "__func__", ours)).parameters)
+        have = list(inspect.signature(getattr(theirs, "__func__", theirs)).parameters)
+        assert have[: len(wanted)] == wanted, f"{cls.__name__}.{name}{tuple(have)} is not {tuple(wanted)}"
 
 
 def test_an_unknown_kind_names_the_key_and_the_kinds():

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner import checkpoint_files
 from learner.backends import BACKENDS, LearnerBackend, backend_class, make_backend, megatron
@@ -27,14 +26,8 @@ def registered():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+def model_dir(tiny_llama):
+    return tiny_llama
 
 
 def test_an_unknown_backend_names_the_key_and_the_choices():

@@ -15,13 +15,8 @@ from actors.engines.torch_engine import TorchEngine
 from engine_models import CONFIGS, COMMON, PROMPTS, greedy, run, sampled, save_checkpoints
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP barriers make them ~100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Tiny matmuls gain nothing from threads (conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,11 @@ class Engine(Protocol):
     max_batch_size: int
 
     @classmethod
+    def check_spec(cls, spec: "EngineSpec") -> None:
+        """ValueError naming `engine.options.<key>` for an option this engine does not take or a bad value;
+        builds nothing (the driver calls it at start-up, before any model is loaded)."""
+
+    @classmethod
     def from_spec(cls, spec: "EngineSpec") -> "Engine":
         """Build from a spec (what `make_engine` calls): load spec.model_dir's weights onto spec.device in
         spec.dtype, serve them as spec.weight_version; ValueError naming `engine.options.<key>` for an option

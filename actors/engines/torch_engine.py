@@ -51,12 +51,16 @@ class TorchEngine:
     }
 
     @classmethod
-    def from_spec(cls, spec: EngineSpec) -> "TorchEngine":
+    def check_spec(cls, spec: EngineSpec) -> None:
         check_options(spec, cls.OPTIONS)
         for key, value in spec.options.items():
             valid, wanted = cls.OPTIONS[key]
             if not valid(value):
                 raise ValueError(f"engine.options.{key} must be {wanted}, got {value!r}")
+
+    @classmethod
+    def from_spec(cls, spec: EngineSpec) -> "TorchEngine":
+        cls.check_spec(spec)
         return cls(spec.model_dir, device=spec.device, dtype=spec.dtype, max_batch_size=spec.max_batch_size,
                    max_seq_len=spec.max_seq_len, weight_version=spec.weight_version, **spec.options)
 
