@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
+import warnings
+
 import ray
 import torch
 
@@ -30,7 +33,8 @@ class EngineHost:
         self.engine = make_engine(spec)
         ctx = ray.get_runtime_context() if ray.is_initialized() else None
         in_actor = ctx is not None and ctx.get_actor_id() is not None  # also built in-process (tests, tools)
-        self.stale = in_actor and ctx.was_current_actor_reconstructed
+        self.stale = in_actor and _was_restarted(ctx)
+        self.incarnation = uuid.uuid4().hex  # new in every process Ray starts for this replica
         self.refit = RefitReceiver()
 
     def load_weights(self, version: int, *buckets: dict) -> int:
@@ -81,6 +85,16 @@ class EngineHost:
         """The version served; -1 while a restarted replica waits for its weights."""
         return -1 if self.stale else self.engine.weight_version
 
+    def memory_plan(self) -> str:
+        """What the engine reserved for its KV cache, in one line (the start-up log shows it)."""
+        plan = getattr(self.engine, "cache_plan", None)
+        return str(plan) if plan is not None else ""
+
+    def status(self) -> tuple[str, int]:
+        """(incarnation, weight_version): a caller that remembers the incarnation sees every restart, even
+        one that happened while no call was in flight."""
+        return self.incarnation, self.weight_version()
+
     @ray.method(concurrency_group="health")
     def ping(self) -> bool:
         """Answers while a generation runs (its own thread): tells a busy replica from a hung one."""
@@ -97,3 +111,11 @@ class EngineHost:
         if self.stale:
             raise StaleWeights("this replica was restarted and has not been given the current weights yet")
         return self.engine.generate(requests) if requests else []
+
+
+def _was_restarted(ctx) -> bool:
+    """Whether Ray restarted this actor. Ray's property reads its own deprecated `actor_id` (three warning lines
+    per replica on the console): the warnings are its, not the user's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(ctx.was_current_actor_reconstructed)

@@ -1,13 +1,24 @@
 """Rendering conversations to token ids with a Jinja chat template.
 
 By default the model's own template (``tokenizer.chat_template``) is used. Two presets reproduce the prompt
-formats of the reference implementation (NeMo-Aligner) byte for byte, so its users' data renders identically:
+formats of the reference implementation (NeMo-Aligner, through NeMo's ``_get_header_conversation_type_mask_role``
+and ``_add_speaker_and_signal``) character for character, so its users' data renders identically:
 
-- ``nemo``: ``<extra_id_0>System\\n{system}\\n`` (always emitted), then ``<extra_id_1>User\\n{content}\\n`` /
-  ``<extra_id_1>Assistant\\n{content}\\n`` per turn, with ``<extra_id_2>{label}\\n`` after the name line of a
-  labelled turn; generation prompt ``<extra_id_1>Assistant\\n``.
-- ``llama3``: ``<|begin_of_text|>`` then ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``
-  per message; generation prompt ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``.
+- ``nemo`` (chat_prompt_tokens ``<extra_id_0>``/``<extra_id_1>``/``<extra_id_2>``, end_of_turn and end_of_name
+  ``\n``): ``<extra_id_0>System\n{system}\n`` (always emitted), then ``<extra_id_1>User\n{content}\n`` /
+  ``<extra_id_1>Assistant\n{content}\n`` per turn, with ``<extra_id_2>{label}\n`` after the name line of a
+  labelled turn. A conversation that ends with an assistant turn ends with ``<extra_id_1>``: the reference
+  appends the next turn's start after an unmasked last turn and trains on it, so it is the end-of-turn marker.
+  Generation prompt ``<extra_id_1>Assistant\n``.
+- ``llama3`` (system_turn_start ``<|begin_of_text|>``, turn_start empty, end_of_turn ``<|eot_id|>``,
+  end_of_name ``\n\n``, system_token ``<|start_header_id|>system<|end_header_id|>``): ``<|begin_of_text|>``,
+  then the system block (always emitted, empty or not), then
+  ``<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>`` per turn, a label as
+  ``<extra_id_2>{label}\n\n`` before the content; generation prompt
+  ``<|start_header_id|>assistant<|end_header_id|>\n\n``.
+
+Both presets render ``generation_label`` (the label of the answer turn being generated) after the generation
+prompt: the reference's prompt (its context_ids) runs through the answer turn's label.
 """
 
 from __future__ import annotations
@@ -34,24 +45,43 @@ NEMO_TEMPLATE = (
     "{%- endif -%}"
     "{{- m['content'] + '\\n' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<extra_id_1>Assistant\\n' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<extra_id_1>Assistant\\n' -}}"
+    "{%- if generation_label is defined and generation_label is not none -%}"
+    "{{- '<extra_id_2>' + generation_label + '\\n' -}}"
+    "{%- endif -%}"
+    "{%- elif turns and turns[-1]['role'] == 'assistant' -%}{{- '<extra_id_1>' -}}"
+    "{%- endif -%}"
 )
 
 LLAMA3_TEMPLATE = (
-    "{{- '<|begin_of_text|>' -}}"
-    "{%- for m in messages -%}"
-    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{{- '<|begin_of_text|><|start_header_id|>system<|end_header_id|>\\n\\n' + system + '<|eot_id|>' -}}"
+    "{%- for m in turns -%}"
+    "{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' -}}"
+    "{%- if m['label'] is defined and m['label'] is not none -%}"
+    "{{- '<extra_id_2>' + m['label'] + '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{{- m['content'] + '<|eot_id|>' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+    "{%- if generation_label is defined and generation_label is not none -%}"
+    "{{- '<extra_id_2>' + generation_label + '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{%- endif -%}"
 )
 
 PRESETS: dict[str, str] = {"nemo": NEMO_TEMPLATE, "llama3": LLAMA3_TEMPLATE}
+# Each preset's end-of-turn marker, a stop string of generation (the reference's sampling end_strings).
+PRESET_STOP_STRINGS: dict[str, tuple[str, ...]] = {"nemo": ("<extra_id_1>",), "llama3": ("<|eot_id|>",)}
 
 
 @dataclass(frozen=True)
 class EncodedSample:
     prompt_ids: list[int]  # rendered prompt including the generation prompt
-    answer_ids: list[int] | None  # ground-truth answer turn incl. its end-of-turn marker; None if prompt-only
+    # ground-truth answer turn through its end-of-turn marker (where generation stops); None if prompt-only
+    answer_ids: list[int] | None
     prompt_messages: tuple[Message, ...]  # after left-truncation, if any
     conversation: Conversation
 
@@ -93,17 +123,32 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.template = _resolve_template(tokenizer, template)
         self._start_ids = self._tokenizer_start_ids()
+        # A model's own template gets none: the engine already stops on the checkpoint's EOS/end-of-turn ids.
+        self.stop_strings: tuple[str, ...] = PRESET_STOP_STRINGS.get(template, ()) if template else ()
+        self._end_markers = self._turn_end_markers()
+
+    def _turn_end_markers(self) -> tuple[str, ...]:
+        """Texts that can end an assistant turn: the stop strings and the tokenizer's special tokens."""
+        specials = set(getattr(self.tokenizer, "all_special_tokens", None) or ())
+        added = getattr(self.tokenizer, "added_tokens_decoder", None) or {}
+        specials |= {t.content for t in added.values() if getattr(t, "special", False)}
+        return tuple(m for m in (*self.stop_strings, *sorted(specials)) if m)
 
     # -- text ----------------------------------------------------------------------------------------------
 
-    def render(self, messages: Sequence[MessageLike], *, add_generation_prompt: bool) -> str:
+    def render(
+        self, messages: Sequence[MessageLike], *, add_generation_prompt: bool, generation_label: str | None = None
+    ) -> str:
+        """``generation_label``: the label of the turn to be generated, rendered by the presets after the
+        generation prompt (other templates ignore it)."""
         dicts = [_as_message(m).as_dict() for m in messages]
+        extra = {} if generation_label is None else {"generation_label": generation_label}
         return self.tokenizer.apply_chat_template(
-            dicts, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt
+            dicts, chat_template=self.template, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
         )
 
-    def prompt_text(self, messages: Sequence[MessageLike]) -> str:
-        return self.render(messages, add_generation_prompt=True)
+    def prompt_text(self, messages: Sequence[MessageLike], label: str | None = None) -> str:
+        return self.render(messages, add_generation_prompt=True, generation_label=label)
 
     # -- tokens --------------------------------------------------------------------------------------------
 
@@ -130,19 +175,28 @@ class ChatRenderer:
             return ids
         return self._start_ids + ids
 
-    def prompt_ids(self, messages: Sequence[MessageLike]) -> list[int]:
-        return self.encode_text(self.prompt_text(messages))
+    def prompt_ids(self, messages: Sequence[MessageLike], label: str | None = None) -> list[int]:
+        return self.encode_text(self.prompt_text(messages, label))
 
-    def answer_ids(self, prompt_messages: Sequence[MessageLike], answer: str) -> list[int]:
-        """Tokens of the answer turn, including its end-of-turn marker as the template renders it.
+    def answer_ids(self, prompt_messages: Sequence[MessageLike], answer: str | MessageLike) -> list[int]:
+        """Tokens of the answer turn through its end-of-turn marker, as the template renders it.
+
+        ``answer`` is the answer text, or the answer message (its label then goes into the prompt, as
+        ``prompt_ids(prompt_messages, label)``). The turn ends at the first end marker (a stop string or a
+        special token) after the content: that is where generation stops, so a ChatML answer ends with
+        ``<|im_end|>``, not with the newline the template writes between turns.
 
         Equal to tokens(full conversation) minus tokens(prompt) when the prompt tokens are a prefix of the
         full tokens, so prompt_ids + answer_ids is exactly what the model sees in training. Where the tokenizer
         merges across the boundary (e.g. "\\n\\n" + text), the text after the prompt is tokenised on its own,
         which is what generation after prompt_ids produces.
         """
-        prompt_text = self.prompt_text(prompt_messages)
-        full_text = self.render([*prompt_messages, Message("assistant", answer)], add_generation_prompt=False)
+        turn = Message("assistant", answer) if isinstance(answer, str) else _as_message(answer)
+        prompt_text = self.prompt_text(prompt_messages, turn.label)
+        full_text = self.render([*prompt_messages, Message("assistant", turn.content, turn.label)],
+                                add_generation_prompt=False)
+        if full_text.startswith(prompt_text):
+            full_text = prompt_text + self._through_end_of_turn(full_text[len(prompt_text) :], turn.content)
         prompt_ids, full_ids = self.encode_text(prompt_text), self.encode_text(full_text)
         if full_ids[: len(prompt_ids)] == prompt_ids:
             return full_ids[len(prompt_ids) :]
@@ -153,6 +207,22 @@ class ChatRenderer:
                 f"{full_text[len(prompt_text) - 60 : len(prompt_text)]!r}"
             )
         return self.tokenizer.encode(full_text[len(prompt_text) :], add_special_tokens=False)
+
+    def _through_end_of_turn(self, answer_text: str, content: str) -> str:
+        """``answer_text`` cut after the first end marker that follows the content; unchanged if none does
+        (or the content cannot be found, e.g. a template that rewrites it)."""
+        start = answer_text.find(content)
+        if start < 0 and content.strip():
+            content = content.strip()  # templates that trim the content (e.g. Llama 3's own)
+            start = answer_text.find(content)
+        if start < 0:
+            return answer_text
+        after = start + len(content)
+        hits = [(i, -len(m)) for m in self._end_markers if (i := answer_text.find(m, after)) >= 0]
+        if not hits:
+            return answer_text
+        at, neg_len = min(hits)  # earliest marker; the longest one where several start there
+        return answer_text[: at - neg_len]
 
     # -- conversations -------------------------------------------------------------------------------------
 
@@ -171,19 +241,21 @@ class ChatRenderer:
         if on_long_prompt not in ("drop", "truncate_left"):
             raise ValueError(f"on_long_prompt must be 'drop' or 'truncate_left', got {on_long_prompt!r}")
         messages = tuple(conv.prompt_messages)
-        ids = self.prompt_ids(messages)
+        answer_turn = conv.messages[-1] if conv.has_answer else None
+        label = answer_turn.label if answer_turn is not None else None
+        ids = self.prompt_ids(messages, label)
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             if on_long_prompt == "drop":
                 return None
-            fitted = self._truncate_left(messages, max_prompt_length)
+            fitted = self._truncate_left(messages, max_prompt_length, label)
             if fitted is None:
                 return None
             messages, ids = fitted
-        answer = None if conv.answer is None else self.answer_ids(messages, conv.answer)
+        answer = None if answer_turn is None else self.answer_ids(messages, answer_turn)
         return EncodedSample(prompt_ids=ids, answer_ids=answer, prompt_messages=messages, conversation=conv)
 
     def _truncate_left(
-        self, messages: tuple[Message, ...], max_len: int
+        self, messages: tuple[Message, ...], max_len: int, label: str | None = None
     ) -> tuple[tuple[Message, ...], list[int]] | None:
         head = messages[:1] if messages[0].role == "system" else ()
         body = messages[len(head) :]
@@ -191,7 +263,7 @@ class ChatRenderer:
         starts = [i for i, m in enumerate(body) if m.role == "user" and i > 0]
         for start in starts:
             candidate = head + body[start:]
-            ids = self.prompt_ids(candidate)
+            ids = self.prompt_ids(candidate, label)
             if len(ids) <= max_len:
                 return candidate, ids
         return None

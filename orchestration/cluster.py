@@ -11,13 +11,14 @@ is orchestration/refit.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 
 from actors.engine_host import StaleWeights
 from actors.engines import EngineSpec
@@ -28,7 +29,7 @@ from learner.group import LearnerGroup, LearnerSpec
 
 from . import placement
 from .config import ClusterConfig
-from .errors import LearnerFailed, RefitFailed, ReplicaFailed, summary
+from .errors import LearnerFailed, RefitFailed, ReplicaFailed, one_line
 
 # How long a replica or learner worker may take to start: load (or convert) an 8B checkpoint from a slow disk,
 # capture CUDA graphs.
@@ -44,7 +45,18 @@ def raise_learner_failures(done: list) -> None:
         try:
             ray.get(ref)
         except ray.exceptions.RayError as e:
-            raise LearnerFailed(f"a learner worker failed ({type(e).__name__}: {summary(e)})") from None
+            raise LearnerFailed(f"a learner worker failed ({type(e).__name__}: {one_line(e)})") from None
+
+
+def memory_hint(pool: str, cause: str) -> str:
+    """What to change when `cause` says a replica of `pool` ran out of memory ("" otherwise)."""
+    text = cause.lower()
+    if "out of memory" not in text and "outofmemory" not in text and "memory pressure" not in text:
+        return ""
+    key = "cluster.generators" if pool == "generator" else "cluster.judges"
+    return (f": it ran out of memory. Give its KV cache less (engine.kv_cache_memory_gb, or "
+            f"engine.gpu_memory_fraction on GPUs), or lower {key}.max_batch_size or model.max_seq_len, or give "
+            f"the pool more memory ({key}.num_gpus, {key}.resources)")
 
 
 def get_within(ref, timeout_s: float, what: str):
@@ -72,7 +84,8 @@ def connect(cluster: ClusterConfig, *, judges: bool = True, learner: bool = True
               + (cluster.judges.replicas * cluster.judges.num_cpus if judges else 0)
               + (cluster.learner.workers * cluster.learner.num_cpus if learner else 0))
     num_cpus = cluster.num_cpus if cluster.num_cpus is not None else int(-(-needed // 1))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # Ray's start-up INFO lines say nothing the user needs; its warnings and the actors' own output still show.
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     return True
 
 
@@ -102,6 +115,7 @@ class EnginePool:
 
     def __post_init__(self):
         self.restarts = [0] * len(self.actors)
+        self.incarnations: list[str | None] = [None] * len(self.actors)  # of each replica's process, once seen
         self.created_version = self.version  # what a restarted replica comes back with
 
     def __len__(self) -> int:
@@ -130,26 +144,52 @@ class EnginePool:
     def await_restart(self, replica: int, error: Exception, then: str = "re-issuing its work") -> int:
         """Count a failure of `replica` against max_restarts and wait until it answers; its weight version.
         `then` says in the log what happens next."""
-        self.restarts[replica] += 1
-        first_line = summary(error)
-        if self.restarts[replica] > self.max_restarts:
-            raise ReplicaFailed(f"{self.name} replica {replica} failed {self.restarts[replica]} times, more than "
-                                f"cluster.max_restarts={self.max_restarts} allows; last error: {first_line}")
-        self.log(f"[cluster] {self.name} replica {replica} died ({first_line}); restart "
-                 f"{self.restarts[replica]}/{self.max_restarts}, {then}")
+        self.note_restart(replica, one_line(error), then)
         actor = self.actors[replica]
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                return ray.get(actor.weight_version.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                self.incarnations[replica], version = ray.get(actor.status.remote(),
+                                                              timeout=max(1.0, deadline - time.monotonic()))
+                return version
             except (GetTimeoutError, *RECOVERABLE) as e:
                 if time.monotonic() > deadline:
                     raise ReplicaFailed(f"{self.name} replica {replica} did not come back within "
                                         f"{self.timeout_s:.0f}s after a crash: {e}") from None
                 time.sleep(0.5)
 
+    def note_restart(self, replica: int, cause: str, then: str) -> None:
+        """Count and log one failure of `replica`; ReplicaFailed beyond cluster.max_restarts."""
+        self.restarts[replica] += 1
+        if self.restarts[replica] > self.max_restarts:
+            raise ReplicaFailed(f"{self.name} replica {replica} failed {self.restarts[replica]} times, more than "
+                                f"cluster.max_restarts={self.max_restarts} allows; last error: {cause}"
+                                + memory_hint(self.name, cause))
+        self.log(f"[cluster] {self.name} replica {replica} died ({cause}); restart "
+                 f"{self.restarts[replica]}/{self.max_restarts}, {then}")
+
+    def call_failed(self, replica: int, method: str, error: Exception) -> ReplicaFailed:
+        """The error to stop the run with when a call failed in the replica's own code (not by its death)."""
+        cause = f"{type(error).__name__}: {one_line(error)}"
+        return ReplicaFailed(f"{self.name} replica {replica} failed in {method} ({cause})"
+                             + memory_hint(self.name, cause))
+
+    def note_idle_restarts(self) -> None:
+        """Count and log the replicas Ray restarted while they had no call in flight: such a death fails no
+        call, so nothing else would. A replica's incarnation changes with every process Ray starts for it."""
+        refs = [actor.status.remote() for actor in self.actors]
+        for i, ref in enumerate(refs):
+            try:
+                incarnation, _ = get_within(ref, self.timeout_s, f"{self.name} replica {i} reporting its status")
+            except RECOVERABLE:
+                continue  # dead now: the call that needs it fails, and its recovery counts it
+            known, self.incarnations[i] = self.incarnations[i], incarnation
+            if known is not None and known != incarnation:
+                self.note_restart(i, "restarted by Ray while idle", "giving it the current weights")
+
     def load(self, version: int, refs: list) -> None:
         """Refit every replica to `version`; a replica that dies meanwhile is recovered (and so refit)."""
+        self.note_idle_restarts()
         self.version, self.weight_refs = version, tuple(refs)
         pending = {i: actor.load_weights.remote(version, *refs) for i, actor in enumerate(self.actors)}
         for i, ref in pending.items():
@@ -206,6 +246,8 @@ class Pools:
                 except RECOVERABLE as e:
                     self.generators.recover(i, e)
                     calls[i] = self.generators.call(i, "generate", shares[i])
+                except RayError as e:
+                    raise self.generators.call_failed(i, "generate", e) from None
         return [r for i in sorted(results) for r in results[i]]
 
     @property
@@ -316,7 +358,11 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoo
     # Engines loaded (a replica that cannot load its model fails here, with its error).
     for pool in pools.engine_pools:
         for i in range(len(pool)):
-            get_within(pool.call(i, "weight_version"), START_TIMEOUT_S,
-                       f"{pool.name} replica {i} loading its model")
+            pool.incarnations[i], _ = get_within(pool.call(i, "status"), START_TIMEOUT_S,
+                                                 f"{pool.name} replica {i} loading its model")
     log("[cluster] placed " + "; ".join(r.describe() for r in wanted))
+    for pool in pools.engine_pools:
+        plan = get_within(pool.call(0, "memory_plan"), cluster.health_check_timeout_s, f"{pool.name} replica 0")
+        if plan:
+            log(f"[cluster] {pool.name} replica: {plan}")
     return pools

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, summary
+from .errors import ConfigError, one_line
 
 
 @dataclass
@@ -27,12 +27,15 @@ class SamplingConfig:
     stop_strings: list = field(default_factory=list)
 
 
-def sampling_params(s: SamplingConfig):
-    """The engines' SamplingParams for a sampling block of the configuration."""
+def sampling_params(s: SamplingConfig, end_of_turn: tuple[str, ...] = ()):
+    """The engines' SamplingParams for a sampling block of the configuration. `end_of_turn`: the stop strings
+    the chat format implies (ChatRenderer.stop_strings), added to the configured ones as the reference's
+    `end_strings` are."""
     from actors.engines.protocol import SamplingParams
 
+    stops = tuple(dict.fromkeys([*s.stop_strings, *end_of_turn]))
     return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                          max_new_tokens=s.max_new_tokens, stop_strings=tuple(s.stop_strings))
+                          max_new_tokens=s.max_new_tokens, stop_strings=stops)
 
 
 @dataclass
@@ -187,6 +190,11 @@ class ClusterConfig:
 class EngineConfig:
     kind: str = "torch"  # actors/engines: the engine of the generators and of local judges
     options: Optional[dict[str, Any]] = None  # engine-specific, checked by the engine; None = none
+    # KV-cache budget per engine replica (slots = min(cluster.<pool>.max_batch_size, budget // one sequence at
+    # full context)): GB (1e9 bytes) on any device; None = the device's default: gpu_memory_fraction of the
+    # GPU's total memory on CUDA, 2 GB on CPU
+    kv_cache_memory_gb: Optional[float] = None
+    gpu_memory_fraction: float = 0.3
 
 
 @dataclass
@@ -275,14 +283,40 @@ def load_config(overrides: list[str] | None = None) -> Config:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             composed = compose(config_name="config", overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as e:
-        message = summary(e)
+        message = one_line(e)
         unknown = re.match(r"Could not override '([^']+)'", message)
         if unknown and ("not in struct" in str(e) or "To append" in str(e)):
             message = f"unknown configuration key '{unknown.group(1)}'"
         elif unknown:
             message = f"{message} {str(e).strip().splitlines()[-1]}"
+        missing = re.search(r"Could not find '([^/']+)/([^']+)'", message)
+        if missing:
+            group, choices = missing.group(1), group_options().get(missing.group(1), [])
+            message = f"{group}={missing.group(2)} is not a known {group}: choose one of {', '.join(choices)}"
         raise ConfigError(message) from None
     return from_dict(composed)
+
+
+def group_options() -> dict[str, list[str]]:
+    """The config groups (configs/<group>/) and the options each offers (its YAML files)."""
+    root = config_dir()
+    return {d.name: sorted(f.stem for f in d.glob("*.yaml")) for d in sorted(root.iterdir()) if d.is_dir()
+            and any(d.glob("*.yaml"))}
+
+
+def to_yaml(cfg: Config) -> str:
+    """The whole configuration as YAML: what `--cfg job` prints and a run writes to output_dir/config.yaml."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def top_level_keys() -> dict[str, list[str]]:
+    """Every top-level key of the schema, with the keys inside it for a section ([] for a plain value)."""
+    import dataclasses
+
+    defaults = Config()
+    return {f.name: ([g.name for g in dataclasses.fields(getattr(defaults, f.name))]
+                     if dataclasses.is_dataclass(getattr(defaults, f.name)) else [])
+            for f in dataclasses.fields(Config)}
 
 
 def from_dict(raw: DictConfig | dict) -> Config:
@@ -378,7 +412,9 @@ def _validate_engine(cfg: Config) -> None:
     if cfg.engine.kind not in ENGINES:
         raise ConfigError(f"engine.kind={cfg.engine.kind!r} is not one of: {', '.join(ENGINES)}")
     try:
-        spec = EngineSpec("", kind=cfg.engine.kind, options=dict(cfg.engine.options or {}))
+        spec = EngineSpec("", kind=cfg.engine.kind, options=dict(cfg.engine.options or {}),
+                          kv_cache_memory_gb=cfg.engine.kv_cache_memory_gb,
+                          gpu_memory_fraction=cfg.engine.gpu_memory_fraction)  # their ranges: EngineSpec
         engine_class(cfg.engine.kind).check_spec(spec)
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None

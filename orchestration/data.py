@@ -3,12 +3,22 @@
 Two line shapes are accepted (SPEC section 2):
 
 1. NeMo-Aligner chat-SFT: ``{"system": str, "conversations": [{"from": role, "value": text, "label": opt}],
-   "mask": role}``. ``system`` and ``mask`` are consumed; every other top-level key is metadata.
+   "mask": role, "type": opt, "system_token": opt}``. Those keys are consumed; every other top-level key is
+   metadata. As in the reference (NeMo's ``_get_header_conversation_type_mask_role``/``_add_speaker_and_signal``),
+   a turn's ``label`` is rendered only when ``type`` is ``VALUE_TO_TEXT``; without a type it is ignored.
+   ``TEXT_TO_VALUE`` (training the model to write the label) is refused. ``system_token`` names the system
+   role (the reference's llama3-format lines write ``<|start_header_id|>system<|end_header_id|>``).
 2. Common chat: ``{"messages": [{"role": ..., "content": ...}], ...}``. ``messages`` is consumed; every other
    top-level key is metadata.
 
 Both are normalised to a tuple of :class:`Message` with roles ``system``/``user``/``assistant``. Role names
-are matched case-insensitively with the aliases in ``_ROLE_ALIASES``; a system message may only come first.
+are matched case-insensitively with the aliases in ``_ROLE_ALIASES``, bare or written as a llama3 header
+(``<|start_header_id|>user<|end_header_id|>``, the reference's llama3 format); a system message may only
+come first.
+
+Text must be valid Unicode (a lone UTF-16 surrogate escape such as ``"\\ud800"`` is a bad line: it cannot be
+tokenised or written back as UTF-8) and metadata may nest at most ``MAX_METADATA_DEPTH`` levels (deeper values
+break pickling to Ray actors).
 
 Prompt/answer split: the answer is the FINAL message when that message is an assistant turn, and the prompt
 is every message before it. When the final message is not an assistant turn the sample is prompt-only
@@ -19,6 +29,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from array import array
 from dataclasses import dataclass
 from typing import IO, Any, Iterator, Literal, Sequence
@@ -36,6 +48,16 @@ _ROLE_ALIASES = {
     "system": "system",
 }
 _UTF8_BOM = b"\xef\xbb\xbf"
+# The reference's llama3 format writes roles as header tokens: "<|start_header_id|>user<|end_header_id|>".
+_HEADER_ROLE = re.compile(r"<\|start_header_id\|>(.*)<\|end_header_id\|>", re.DOTALL)
+# The chat-SFT "type" values of the reference (NeMo's TYPE_INSTRUCTION keys).
+_LABEL_TYPES = ("VALUE_TO_TEXT", "TEXT_TO_VALUE")
+# JSON text can only produce a surrogate code point through a \uD800-\uDFFF escape (raw bytes were decoded
+# as strict UTF-8), so lines without one skip the full search for lone surrogates.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Far above real metadata, far below what pickle/deepcopy/json.dumps survive (about 500 on CPython 3.11).
+MAX_METADATA_DEPTH = 100
 
 
 class DataError(ValueError):
@@ -53,7 +75,7 @@ class DataError(ValueError):
 class Message:
     role: str  # "system" | "user" | "assistant"
     content: str
-    label: str | None = None  # NeMo-Aligner per-turn label (SteerLM attributes), rendered by the nemo preset
+    label: str | None = None  # per-turn label (SteerLM attributes; chat-SFT VALUE_TO_TEXT), rendered by the presets
 
     def as_dict(self) -> dict[str, str]:
         """The dict a Jinja chat template expects; ``label`` only when set."""
@@ -97,8 +119,19 @@ def parse_line(text: str, *, path: str, line: int) -> Conversation:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, line, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(path, line, "JSON nests too deeply to parse") from None
+    except ValueError as e:  # Python's int string-conversion limit (JSONDecodeError is caught above)
+        if "integer string conversion" in str(e):
+            reason = f"an integer has more than {sys.get_int_max_str_digits()} digits (Python's conversion limit)"
+        else:
+            reason = f"not valid JSON ({e})"
+        raise DataError(path, line, reason) from None
     try:
         messages, metadata = _normalise(obj)
+        if _SURROGATE_ESCAPE.search(text):
+            _check_no_lone_surrogate(obj)
+        _check_metadata_depth(metadata)
     except _BadLine as e:
         raise DataError(path, line, str(e)) from None
     return Conversation(messages=messages, metadata=metadata, source=path, line=line)
@@ -112,7 +145,7 @@ def _normalise(obj: Any) -> tuple[tuple[Message, ...], dict[str, Any]]:
         raise _BadLine("has both 'conversations' and 'messages'; use one shape per line")
     if has_conv:
         messages = _from_nemo_shape(obj)
-        consumed = {"conversations", "system", "mask"}
+        consumed = {"conversations", "system", "mask", "type", "system_token"}
     elif has_msgs:
         messages = _from_chat_shape(obj)
         consumed = {"messages"}
@@ -130,7 +163,23 @@ def _from_nemo_shape(obj: dict) -> list[Message]:
     mask = obj.get("mask")
     if mask is not None and not isinstance(mask, str):
         raise _BadLine(f"'mask' must be a role name string, got {_type_name(mask)}")
+    system_token = obj.get("system_token")
+    if system_token is not None and _role(system_token, "system_token") != "system":
+        raise _BadLine(f"'system_token' must name the system role, got {system_token!r}")
+    label_type = obj.get("type")
+    if label_type is not None:
+        if not isinstance(label_type, str):
+            raise _BadLine(f"'type' must be a string or null, got {_type_name(label_type)}")
+        if label_type not in _LABEL_TYPES:
+            raise _BadLine(f"unknown 'type' {label_type!r} (expected one of {list(_LABEL_TYPES)} or null)")
+        if label_type == "TEXT_TO_VALUE":
+            raise _BadLine(
+                "'type' TEXT_TO_VALUE is not supported: it trains the model to write each turn's label, while "
+                "these algorithms train on the answer (use VALUE_TO_TEXT or no type)"
+            )
     turns = _require_list(obj["conversations"], "conversations")
+    # An empty system is left out here; the nemo and llama3 presets still render its (empty) block, as the
+    # reference always does, while a model's own template keeps its no-system behaviour.
     messages = [Message("system", system)] if system else []
     for i, turn in enumerate(turns):
         where = f"conversations[{i}]"
@@ -140,7 +189,8 @@ def _from_nemo_shape(obj: dict) -> list[Message]:
         label = turn.get("label")
         if label is not None and not isinstance(label, str):
             raise _BadLine(f"{where}.label must be a string or null, got {_type_name(label)}")
-        messages.append(Message(role, content, label))
+        # The reference renders labels only for VALUE_TO_TEXT; without a type it ignores them.
+        messages.append(Message(role, content, label if label_type == "VALUE_TO_TEXT" else None))
     return messages
 
 
@@ -170,10 +220,53 @@ def _check_conversation(messages: list[Message]) -> None:
 def _role(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise _BadLine(f"{where} must be a string, got {_type_name(value)}")
-    role = _ROLE_ALIASES.get(value.strip().lower())
+    name = value.strip()
+    header = _HEADER_ROLE.fullmatch(name)
+    if header:
+        name = header.group(1).strip()
+    role = _ROLE_ALIASES.get(name.lower())
     if role is None:
-        raise _BadLine(f"unknown role {value!r} in {where} (expected one of {sorted(_ROLE_ALIASES)})")
+        raise _BadLine(
+            f"unknown role {value!r} in {where} (expected one of {sorted(_ROLE_ALIASES)}, bare or as "
+            "'<|start_header_id|>role<|end_header_id|>')"
+        )
     return role
+
+
+def _check_no_lone_surrogate(obj: Any) -> None:
+    """Raise _BadLine naming the first string (key or value, in document order) holding a lone surrogate."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:  # iterative: the nesting depth is not bounded yet
+        value, where = stack.pop()
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                raise _BadLine(
+                    f"{where or 'the line'} holds a lone UTF-16 surrogate (U+{ord(found.group()):04X} at character "
+                    f"{found.start()}), which is not valid Unicode text"
+                )
+        elif isinstance(value, dict):
+            children = []
+            for key, child in value.items():
+                path = f"{where}.{key}" if where else key
+                children.append((key, f"key {path!r}"))
+                children.append((child, path))
+            stack.extend(reversed(children))
+        elif isinstance(value, list):
+            stack.extend(reversed([(child, f"{where}[{i}]") for i, child in enumerate(value)]))
+
+
+def _check_metadata_depth(metadata: dict[str, Any]) -> None:
+    for key, top in metadata.items():
+        stack = [(top, 1)]
+        while stack:
+            value, depth = stack.pop()
+            children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+            if children is None:
+                continue
+            if depth > MAX_METADATA_DEPTH:
+                raise _BadLine(f"metadata key {key!r} nests deeper than {MAX_METADATA_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 def _require_list(value: Any, where: str) -> list:

@@ -28,8 +28,10 @@ from .chat import PRESETS, ChatRenderer
 from .checkpoint import Checkpoint, Checkpoints
 from . import judge_templates
 from .cluster import JudgePoolSpec, connect, start_pools
-from .config import JUDGED, Config, ConfigError, judge_follows_policy, max_seconds, refit_transport, sampling_params
-from .errors import PoolFailed, RunFailed, summary
+from .config import (JUDGED, Config, ConfigError, judge_follows_policy, max_seconds, refit_transport, sampling_params,
+                     to_yaml)
+from .errors import PoolFailed, RunFailed
+from .errors import one_line
 from .context import RunContext
 from .data import JsonlDataset
 from .metrics import MetricsLogger
@@ -76,12 +78,12 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
         return _result(out, done["iterations"], done["seconds"])
     checkpoints = Checkpoints(out, cfg.checkpoint.keep_last)
     resume = _resume_point(cfg, out, checkpoints, log)
-    out.mkdir(parents=True, exist_ok=True)
     # SPIN's chosen responses and first_iteration_sft's targets are the dataset's answers.
     setup = _prepare(cfg, log, require_answer=cfg.algorithm.name == "spin" or cfg.algorithm.first_iteration_sft)
     if cfg.learner.backend == "megatron":  # before Ray and wandb start: a bad layout leaves nothing behind
         _check_megatron_layout(str(resume.path) if resume else str(setup.model_dir), cfg)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
 
     judged = cfg.algorithm.name in JUDGED
     started_ray = connect(cfg.cluster, judges=judged)
@@ -89,13 +91,13 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     stale = resume is None and (out / "metrics.jsonl").exists()  # a run that stopped before its first checkpoint
     metrics = MetricsLogger(out, cfg.logger.wandb.mode, cfg.logger.wandb.project, cfg.logger.wandb.name,
                             OmegaConf.to_container(OmegaConf.structured(cfg)),
-                            resume_sizes=resume.state["metrics_bytes"] if resume else ({} if stale else None))
+                            resume_sizes=resume.state["metrics_bytes"] if resume else ({} if stale else None), log=log)
     pools = None
     try:
         log(f"[run] starting pools: {cfg.cluster.generators.replicas} generator(s), "
             f"{cfg.cluster.judges.replicas if judged else 0} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
         weights = _weights(setup.model_dir, resume)
-        gen_engine, judges, learner = _specs(cfg, weights)
+        gen_engine, judges, learner = _specs(cfg, weights, setup.renderer.stop_strings)
         pools = start_pools(cfg.cluster, gen_engine, judges if judged else None, learner, log=log)
         transport = refit_transport(cfg)
         if transport in COLLECTIVE_BACKENDS:
@@ -120,7 +122,7 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     except (PoolFailed, RayError) as e:
         latest = checkpoints.latest()
         where = f"the last complete checkpoint is {latest.path}" if latest else "no checkpoint was completed yet"
-        what = str(e) if isinstance(e, PoolFailed) else f"{type(e).__name__}: {summary(e)}"
+        what = str(e) if isinstance(e, PoolFailed) else f"{type(e).__name__}: {one_line(e)}"
         raise RunFailed(f"the run stopped: {what}. {where}; run the same command again to resume "
                         f"{'from it' if latest else 'from the start'}.") from None
     finally:
@@ -203,6 +205,10 @@ def _run_generation(cfg: Config, log) -> RunResult:
         pools = start_pools(cfg.cluster, gen_engine, log=log)
         ctx = _context(cfg, setup, None, log)
         summary = BatchGeneration(cfg, ctx, pools, output).run(start_at)
+    except (PoolFailed, RayError) as e:
+        what = str(e) if isinstance(e, PoolFailed) else f"{type(e).__name__}: {one_line(e)}"
+        raise RunFailed(f"the generation job stopped: {what}. {output.path} keeps every complete line; run the "
+                        "same command again to continue after the last one.") from None
     finally:
         output.close()
         if pools is not None:
@@ -312,14 +318,15 @@ def _engine_specs(cfg: Config, weights: _Weights) -> tuple[EngineSpec, EngineSpe
     """The generator and judge engines: the weights the pools start from, each on its pool's device."""
     c = cfg.cluster
     engine = dict(model_dir=weights.engines, dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
-                  weight_version=weights.version, kind=cfg.engine.kind, options=dict(cfg.engine.options or {}))
+                  weight_version=weights.version, kind=cfg.engine.kind, options=dict(cfg.engine.options or {}),
+                  kv_cache_memory_gb=cfg.engine.kv_cache_memory_gb, gpu_memory_fraction=cfg.engine.gpu_memory_fraction)
     return (EngineSpec(**engine, device="cuda" if c.generators.num_gpus > 0 else "cpu",
                        max_batch_size=c.generators.max_batch_size),
             EngineSpec(**engine, device="cuda" if c.judges.num_gpus > 0 else "cpu",
                        max_batch_size=c.judges.max_batch_size))
 
 
-def _specs(cfg: Config, weights: _Weights):
+def _specs(cfg: Config, weights: _Weights, end_of_turn: tuple[str, ...]):
     c = cfg.cluster
     gen_engine, judge_engine = _engine_specs(cfg, weights)
     chat_template = PRESETS.get(cfg.data.chat_template, cfg.data.chat_template) if cfg.data.chat_template else None
@@ -329,7 +336,7 @@ def _specs(cfg: Config, weights: _Weights):
     judge = JudgeSpec(template=judge_templates.resolve("judge.template", cfg.judge.template),
                       meta_template=meta_template, meta_reward_regex=cfg.judge.meta_reward_regex,
                       meta_max_new_tokens=cfg.judge.meta_max_new_tokens,
-                      sampling=sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling)),
+                      sampling=sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling), end_of_turn),
                       reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
                       score_high=cfg.judge.score_high, chat_template=chat_template,
                       follows_policy=judge_follows_policy(cfg))

@@ -33,7 +33,7 @@ class WrongWeightVersion(PoolFailed):
     """An output came from weights other than the ones the iteration runs on."""
 
 
-def summary(error: BaseException, limit: int = 300) -> str:
+def one_line(error: BaseException, limit: int = 300) -> str:
     """One line for a message: a remote (Ray) error's last line (its type and message, without the
     traceback), a local error's first line."""
     lines = [line for line in str(error).strip().splitlines() if line.strip()]

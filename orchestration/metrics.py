@@ -18,7 +18,7 @@ WANDB_ID_FILE = "wandb_run_id"
 
 class MetricsLogger:
     def __init__(self, output_dir: Path, wandb_mode: str, project: str, run_name: str | None, config: dict,
-                 resume_sizes: dict[str, int] | None = None):
+                 resume_sizes: dict[str, int] | None = None, log=print):
         self.output_dir = output_dir
         self.path = output_dir / "metrics.jsonl"
         if resume_sizes is not None:
@@ -32,8 +32,13 @@ class MetricsLogger:
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             # A resumed run continues the same wandb run; wandb keeps rows it already has for a step.
+            # wandb's own banner would be most of a run's console: one line of ours says where the run is.
             self._wandb = wandb.init(project=project, name=run_name, mode=wandb_mode, config=config,
-                                     dir=str(output_dir), reinit="finish_previous", id=run_id, resume="allow")
+                                     dir=str(output_dir), reinit="finish_previous", id=run_id, resume="allow",
+                                     settings=wandb.Settings(silent=True))
+            run_dir = Path(self._wandb.dir).parent
+            where = self._wandb.url if wandb_mode == "online" else f"{run_dir} (upload: wandb sync {run_dir})"
+            log(f"[wandb] {wandb_mode} run {run_id}: {where}")
 
     def _files(self) -> list[Path]:
         return [self.path] + sorted(self.output_dir.glob("table_*.jsonl"))

@@ -26,7 +26,7 @@ from ray.exceptions import GetTimeoutError
 from refit_wire import DEFAULT_BUCKET_BYTES
 
 from .cluster import RECOVERABLE, EnginePool, Pools, get_within
-from .errors import ConfigError, LearnerFailed, RefitFailed, ReplicaFailed, summary
+from .errors import ConfigError, LearnerFailed, RefitFailed, ReplicaFailed, one_line
 
 COLLECTIVE_BACKENDS = ("nccl", "gloo")
 
@@ -76,6 +76,8 @@ class CollectiveRefit:
         return [(pool, i) for pool in self.pools.policy_pools for i in range(len(pool))]
 
     def refit(self, version: int, bucket_bytes: int) -> None:
+        for pool in self.pools.policy_pools:
+            pool.note_idle_restarts()  # a restart while idle failed no call: count and log it here
         if not (self.intact and self._members_in_group()):
             self.build(bucket_bytes)
         elif bucket_bytes != self.bucket_bytes:
@@ -119,7 +121,7 @@ class CollectiveRefit:
             try:
                 get_within(ref, pool.timeout_s, f"{pool.name} replica {i} preparing refit group {self.generation}")
             except ValueError as e:  # a layout that does not fit this engine's model: nothing was sent
-                raise RefitFailed(f"{pool.name} replica {i} rejected the refit layout: {summary(e)}") from None
+                raise RefitFailed(f"{pool.name} replica {i} rejected the refit layout: {one_line(e)}") from None
         self.bucket_bytes, self.intact = bucket_bytes, True
         self.log(f"[refit] {self.backend} group {self.generation}: learner rank 0 + {len(engines)} engine "
                  f"replica(s), {len(layout)} bucket(s) of up to {bucket_bytes / 2**20:g} MiB, "
@@ -161,18 +163,18 @@ class CollectiveRefit:
                             "and the learner may have trained past that version): resume from the last checkpoint")
 
     def _members_in_group(self) -> bool:
-        """Whether every engine is in the current group (a replica Ray restarted reports none). One found dead
-        is waited for and counted against cluster.max_restarts, as a failed call would be; the rebuilt group's
-        broadcast then gives it the new weights."""
+        """Whether every engine is in the current group (a replica Ray restarted reports none). One found dead is waited for and counted, as a failed call
+        would be; the rebuilt group's broadcast then gives it the new weights."""
         intact = True
         refs = [pool.call(i, "refit_group") for pool, i in self.engines]
         for (pool, i), ref in zip(self.engines, refs):
             try:
-                intact &= get_within(ref, pool.timeout_s, f"{pool.name} replica {i} reporting its refit group") \
-                    == self.generation
+                got = get_within(ref, pool.timeout_s, f"{pool.name} replica {i} reporting its refit group")
             except RECOVERABLE as e:
                 pool.await_restart(i, e, then="the refit rebuilds the group and gives it the new weights")
                 intact = False
+                continue
+            intact &= got == self.generation
         return intact
 
     def _gather(self, refs: list, what: str) -> list:
@@ -188,9 +190,9 @@ class CollectiveRefit:
                     self.intact = False
                     member = refs.index(ref)
                     if member == 0:
-                        raise LearnerFailed(f"learner rank 0 failed in {what}: {summary(e)}") from None
+                        raise LearnerFailed(f"learner rank 0 failed in {what}: {one_line(e)}") from None
                     pool, i = self.engines[member - 1]
                     raise ReplicaFailed(f"{pool.name} replica {i} failed in {what} over {self.backend} "
-                                        f"({summary(e)}); the other members cannot finish the collective "
+                                        f"({one_line(e)}); the other members cannot finish the collective "
                                         "without it, so the run stops: resume from the last checkpoint") from None
         return ray.get(refs)

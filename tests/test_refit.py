@@ -76,3 +76,38 @@ def test_a_replica_over_its_restart_budget_stops_with_a_message(ray_session, tin
         pool.recover(0, second.value)
     group.shutdown()
     pool.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["object_store", "gloo"])
+def test_a_replica_restarted_while_idle_is_logged_and_counted(transport, ray_session, tiny_llama):
+    """A replica killed with no call in flight fails no call; the next refit must still see, log and count the
+    restart (it once went unnoticed: train/actor_restarts stayed 0)."""
+    from orchestration.refit import use_collective
+
+    group = LearnerGroup(LearnerSpec(model_dir=tiny_llama, optim=OptimConfig(lr=1e-2, micro_batch_size=2),
+                                     workers=1, num_cpus=0.5))
+    engine = EngineSpec(model_dir=tiny_llama, max_batch_size=4)
+    actor = engine_actor(GeneratorActor, num_cpus=0.5, num_gpus=0, max_restarts=2).remote(engine)
+    logs: list[str] = []
+    pool = EnginePool("generator", [actor], max_restarts=2, log=logs.append)
+    pool.incarnations[0], _ = ray.get(actor.status.remote())
+    pools = Pools(pool, EnginePool("judge", [], max_restarts=0), group)
+    try:
+        if transport == "gloo":
+            use_collective(pools, "gloo", bucket_bytes=4096)
+        first = pool.incarnations[0]
+        ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until Ray has brought it back
+            try:
+                if ray.get(actor.status.remote(), timeout=10)[0] != first:
+                    break
+            except (*RECOVERABLE, ray.exceptions.GetTimeoutError):
+                time.sleep(0.2)
+        refit(pools, version=1, bucket_bytes=4096)
+        assert pool.total_restarts == 1
+        assert any("generator replica 0 died (restarted by Ray while idle); restart 1/2" in line for line in logs)
+        assert ray.get(actor.weight_version.remote()) == 1
+    finally:
+        group.shutdown()
+        pool.shutdown()

@@ -23,6 +23,13 @@ ENGINES: dict[str, str] = {
 # lengths that prompts plus responses in these algorithms never reach.
 DEFAULT_MAX_CONTEXT = 4096
 
+# The KV-cache memory budget of one engine replica (kv_cache.cache_budget resolves it to bytes). On CUDA a
+# fraction of the device's total memory: generator, judge and learner may share one GPU (the one-GPU layout),
+# so each engine's cache is bounded to a share that leaves room for the other two and for the weights. On CPU
+# an absolute size: two engines' caches plus the learner fit a 24 GB machine.
+DEFAULT_CPU_KV_CACHE_GB = 2.0
+DEFAULT_GPU_MEMORY_FRACTION = 0.3
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -36,15 +43,29 @@ class EngineSpec:
     max_seq_len: int | None = None  # the context (prompt + generated tokens); None: see context_length
     torch_threads: int = 1  # CPU threads per replica; several replicas share the machine's cores
     weight_version: int = 0  # the version the weights in model_dir are (a resumed run starts above 0)
+    # KV-cache budget: slots (sequences at once) = min(max_batch_size, budget // bytes of one full-context
+    # slot). kv_cache_memory_gb (1 GB = 1e9 bytes) wins on any device when set; None: the device's default,
+    # gpu_memory_fraction of the GPU's total memory on CUDA, DEFAULT_CPU_KV_CACHE_GB elsewhere.
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION
     # Engine-specific settings (for torch: max_prefill_tokens, cuda_graphs, decode_kernel), checked by the
     # engine: a key it does not take is an error, not silently ignored.
     options: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        gb, fraction = self.kv_cache_memory_gb, self.gpu_memory_fraction
+        if gb is not None and (isinstance(gb, bool) or not isinstance(gb, (int, float)) or not gb > 0):
+            raise ValueError(f"engine.kv_cache_memory_gb must be > 0 (GB) or null (the device's default), got {gb!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"engine.gpu_memory_fraction must be in (0, 1], got {fraction!r}")
+
 
 def context_length(model_dir: str, requested: int | None) -> int:
-    """The context an engine serves for the checkpoint in `model_dir`: `requested` when set, otherwise the
-    model's max_position_embeddings capped at DEFAULT_MAX_CONTEXT. Engines size their caches by it and
-    callers bound prompt lengths by it, so both ask here."""
+    """The context an engine serves for the checkpoint in `model_dir`: `requested` (model.max_seq_len) when
+    set, otherwise the model's max_position_embeddings capped at DEFAULT_MAX_CONTEXT (the data's cap: prompts
+    plus responses here stay well below it). Engines size their caches by it (every KV-cache slot holds this
+    many positions, so it sets the bytes per slot and with the memory budget the number of slots) and callers
+    bound prompt lengths by it, so both ask here."""
     if requested:
         return requested
     from transformers import AutoConfig

@@ -30,8 +30,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from actors.engines import EngineSpec, check_options, context_length, decode_attention
+from actors.engines import DEFAULT_GPU_MEMORY_FRACTION, EngineSpec, check_options, context_length, decode_attention
 from actors.engines.cuda_graphs import DecodeGraphs, decode_window
+from actors.engines.kv_cache import CachePlan, cache_budget, plan_cache
 from actors.engines.llama import ForwardContext, ModelArgs, Transformer, hf_views
 from actors.engines.protocol import FinishReason, GenerationRequest, GenerationResult, WeightBucket
 from actors.engines.sampling import sample_tokens, split_seed, token_logprobs
@@ -62,7 +63,9 @@ class TorchEngine:
     def from_spec(cls, spec: EngineSpec) -> "TorchEngine":
         cls.check_spec(spec)
         return cls(spec.model_dir, device=spec.device, dtype=spec.dtype, max_batch_size=spec.max_batch_size,
-                   max_seq_len=spec.max_seq_len, weight_version=spec.weight_version, **spec.options)
+                   max_seq_len=spec.max_seq_len, weight_version=spec.weight_version,
+                   kv_cache_memory_gb=spec.kv_cache_memory_gb, gpu_memory_fraction=spec.gpu_memory_fraction,
+                   **spec.options)
 
     def __init__(
         self,
@@ -73,34 +76,45 @@ class TorchEngine:
         max_batch_size: int = 64,
         max_seq_len: int | None = None,
         weight_version: int = 0,
+        kv_cache_memory_gb: float | None = None,
+        gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION,
         max_prefill_tokens: int = 8192,
         cuda_graphs: bool = True,
         decode_kernel: bool | None = None,
     ) -> None:
-        """`decode_kernel`: the Triton path: decode attention, fused norms and SwiGLU (None: on CUDA when
-        Triton is installed; True elsewhere only under Triton's interpreter, for tests)."""
+        """`max_batch_size`: the cap on cache slots; the engine gets min(max_batch_size, what the KV-cache
+        budget holds at full context) slots (`cache_plan`, `kv_cache.plan_cache`), and `max_batch_size` then
+        reports that number (sequences decoded at once). `kv_cache_memory_gb` / `gpu_memory_fraction`: that
+        budget (EngineSpec). `decode_kernel`: the Triton path: decode attention, fused norms and SwiGLU (None:
+        on CUDA when Triton is installed; True elsewhere only under Triton's interpreter, for tests)."""
         self.device = torch.device(device)
         config = AutoConfig.from_pretrained(model_dir)
         self.max_seq_len = context_length(model_dir, max_seq_len)
-        self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.args = ModelArgs.from_hf_config(config, self.max_seq_len)
+        # Sized before the weights are allocated: a budget that holds no sequence fails at once.
+        a = self.args
+        self.cache_plan: CachePlan = plan_cache(
+            num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, dtype=torch_dtype(dtype),
+            max_seq_len=self.max_seq_len, max_batch_size=max_batch_size,
+            budget=cache_budget(self.device, kv_cache_memory_gb, gpu_memory_fraction))
+        self.max_batch_size = slots = self.cache_plan.slots
         self.model = Transformer(self.args, max_seq_len=self.max_seq_len, device=self.device, dtype=torch_dtype(dtype))
         self.model.eval()
         self._views = hf_views(self.model)
         self._load_checkpoint(Path(model_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.stop_token_ids = _engine_stop_ids(Path(model_dir), config, self.tokenizer)
-        self.cache = self.model.new_cache(max_batch_size)
-        self._slots = _SlotState(max_batch_size, self.max_seq_len, self.device)
+        self.cache = self.model.new_cache(slots)
+        self._slots = _SlotState(slots, self.max_seq_len, self.device)
         self.weight_version = weight_version
         self._kernel = decode_attention.available(self.device) if decode_kernel is None else decode_kernel
         self.model.fused = self._kernel  # the fused norm/SwiGLU kernels come with the Triton path
         # GPU decode steps replay captured graphs (weights are updated in place, so refits keep them valid).
-        self._graphs = (DecodeGraphs(self._eager_decode, max_batch_size, self.max_seq_len)
+        self._graphs = (DecodeGraphs(self._eager_decode, slots, self.max_seq_len)
                         if cuda_graphs and self.device.type == "cuda" else None)
         if self.device.type == "cuda":  # where decode steps' tokens land on the host (see _launch_decode)
-            self._host_tokens = [torch.empty(max_batch_size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            self._host_tokens = [torch.empty(slots, dtype=torch.int64, pin_memory=True) for _ in range(2)]
 
     # ------------------------------------------------------------------------------------------- weights
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import ray
+from ray.exceptions import RayError
 from tqdm import tqdm
 
 from actors.engines.protocol import GenerationRequest
@@ -84,7 +85,7 @@ class BatchGeneration:
     def __init__(self, cfg: Config, ctx: RunContext, pools: Pools, output: ResumableJsonl):
         self.cfg, self.ctx, self.pools, self.output = cfg, ctx, pools, output
         self.generators = pools.generators
-        self.sampling = sampling_params(cfg.algorithm.sampling)
+        self.sampling = sampling_params(cfg.algorithm.sampling, ctx.renderer.stop_strings)
         self.n = cfg.algorithm.num_responses_to_gen
 
     def run(self, start_at: int) -> GenerationSummary:
@@ -124,6 +125,8 @@ class BatchGeneration:
                         replica = number % len(self.generators)
                         self.generators.recover(replica, e)
                         in_flight[number] = (self.generators.call(replica, "generate", requests), prompts, requests)
+                    except RayError as e:  # failed in its own code (out of memory, a bug): stop, say where
+                        raise self.generators.call_failed(number % len(self.generators), "generate", e) from None
                 while next_write in results:  # in input order, whole chunks at a time
                     lines = results.pop(next_write)
                     self.output.append(lines)

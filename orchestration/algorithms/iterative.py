@@ -18,6 +18,7 @@ from statistics import fmean
 from typing import Iterator
 
 import ray
+from tqdm import tqdm
 
 from learner.types import LossConfig, TrainSample
 
@@ -26,6 +27,7 @@ from ..checkpoint import Checkpoint, Checkpoints
 from ..cluster import Pools, ReplicaFailed, raise_learner_failures
 from ..config import Config, limited, per_iteration, sampling_params
 from ..context import RunContext
+from ..errors import RunFailed
 from ..faults import crash_point
 from ..refit import refit
 from ..rollout import PromptRecord, RolloutPipeline, ScoredPrompt
@@ -33,6 +35,17 @@ from ..stopping import StopRequested, Stopper
 
 GENERATION_TABLE_COLUMNS = ("step", "prompt", "chosen", "rejected", "chosen_score", "rejected_score")
 GENERATION_TABLE_ROWS = 4  # pairs of the latest batch shown at each validation
+# What the judge wrote, as it happens: a sample of judgements (and meta-judgements) per step, also for
+# iterations that train nothing (where it matters most).
+JUDGEMENT_TABLE_COLUMNS = ("step", "iteration", "kind", "prompt", "response", "text", "parsed")
+JUDGEMENT_TABLE_ROWS = 6
+# Warn once per iteration when, after this many prompts, this share of them gave no pair.
+WATCH_AFTER_PROMPTS = 32
+BAD_SAMPLE_ALARM = 0.9
+
+
+class NothingToTrain(RunFailed):
+    """An iteration ended without a single optimizer step: the run would finish having learned nothing."""
 
 
 @dataclass
@@ -48,6 +61,7 @@ class IterationSummary:
     seconds: float = 0.0
     val_loss: float | None = None
     checkpoint: str = ""
+    bad_reasons: dict[str, int] = field(default_factory=dict)  # why prompts gave no pair, with counts
 
     def row(self) -> dict:
         s = self.stats
@@ -77,7 +91,7 @@ class IterativeAlgorithm:
     def __init__(self, cfg: Config, ctx: RunContext, pools: Pools, *, checkpoints: Checkpoints,
                  reference_dir: str, stopper: Stopper | None = None, resume: Checkpoint | None = None):
         self.cfg, self.ctx, self.pools = cfg, ctx, pools
-        self.sampling = sampling_params(cfg.algorithm.sampling)
+        self.sampling = sampling_params(cfg.algorithm.sampling, ctx.renderer.stop_strings)
         self.checkpoints = checkpoints
         self.stopper = stopper or Stopper()
         self.reference_dir = reference_dir  # where M_t, the current reference, is on disk
@@ -88,6 +102,8 @@ class IterativeAlgorithm:
         self._table_rows: list[list] = []  # the latest batch's pairs, for the generations table
         self._validated_at, self._val_loss = -1, None
         self._val_cache: list[TrainSample] | None = None
+        self._judgement_log: list[list] = []  # rows waiting for the next step (JUDGEMENT_TABLE_COLUMNS[2:])
+        self._warned: set[tuple[int, str]] = set()
         self._batcher: GlobalBatcher | None = None  # the current iteration's (its queue is state)
         self._pipeline_now: RolloutPipeline | None = None
         self._sft_position = 0  # SFT iteration: prompts of the epoch order consumed by finished steps
@@ -115,6 +131,21 @@ class IterativeAlgorithm:
     def _judge_pair_cap(self) -> int:
         return 0
 
+    def _judgement_rows(self, scored: ScoredPrompt) -> list[list]:
+        """Rows of JUDGEMENT_TABLE_COLUMNS after (step, iteration) for what judged this prompt (none: no judge)."""
+        return []
+
+    def _watch(self, summary: IterationSummary) -> None:
+        """Called after every prompt released: say loudly, as it happens, when the data cannot train."""
+        s = summary.stats
+        if s.prompts >= WATCH_AFTER_PROMPTS and s.bad_samples / s.prompts >= BAD_SAMPLE_ALARM:
+            self._warn_once(summary, "bad", f"[iteration {summary.iteration}] WARNING: {s.bad_samples} of "
+                            f"{s.prompts} prompts so far gave no pair ({self._top_reasons(summary)})")
+
+    def _why_nothing_trained(self, summary: IterationSummary) -> str:
+        """What to say (and what to try) when an iteration trained no step."""
+        return ""
+
     def _extra_state(self) -> dict:
         """Algorithm-specific state of the current iteration, for a mid-iteration checkpoint."""
         return {}
@@ -141,6 +172,8 @@ class IterativeAlgorithm:
             mid_state = None
             summary.seconds += time.perf_counter() - start
             summary.val_loss = self._validate()
+            if summary.steps == 0 and not self._steps_exhausted():
+                raise NothingToTrain(self._nothing_trained_message(summary))
             path = self._save(f"iter_{it}", "end")
             summary.checkpoint = str(path)
             self.ctx.log(f"[iteration {it}] done: {summary.steps} steps, {summary.pairs_trained} pairs, "
@@ -155,6 +188,38 @@ class IterativeAlgorithm:
             final.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generate)
             self.summaries.append(final)
         return self.summaries
+
+    def _nothing_trained_message(self, summary: IterationSummary) -> str:
+        s, a = summary.stats, self.cfg.algorithm
+        made = summary.unused_pairs
+        lines = [f"iteration {summary.iteration} trained no step, so the run would learn nothing: {s.prompts} "
+                 f"prompts gave {made} pair(s), fewer than algorithm.global_batch_size={a.global_batch_size}"]
+        if s.prompts:
+            lines.append(f"{s.bad_samples} of {s.prompts} prompts gave no pair ({self._top_reasons(summary)})")
+        why = self._why_nothing_trained(summary)
+        if why:
+            lines.append(why)
+        if made:
+            lines.append("try: more prompts (data.train_file, algorithm.limit_train_batches) or a smaller "
+                         "algorithm.global_batch_size")
+        lines.append(f"samples of what the judge wrote: {Path(self.cfg.output_dir) / 'table_judgements.jsonl'}")
+        return "; ".join(lines)
+
+    @staticmethod
+    def _top_reasons(summary: IterationSummary) -> str:
+        top = sorted(summary.bad_reasons.items(), key=lambda kv: -kv[1])[:3]
+        return ", ".join(f"{n} x {reason}" for reason, n in top) or "no reason recorded"
+
+    def _warn_once(self, summary: IterationSummary, what: str, message: str) -> None:
+        if (summary.iteration, what) not in self._warned:
+            self._warned.add((summary.iteration, what))
+            self.ctx.log(message)
+
+    def _flush_judgements(self, iteration: int) -> None:
+        if self._judgement_log:
+            rows = [[self.step, iteration, *row] for row in self._judgement_log]
+            self.ctx.metrics.table("table/judgements", list(JUDGEMENT_TABLE_COLUMNS), rows, self.step)
+            self._judgement_log = []
 
     def _boundary(self, checkpoint: Path) -> None:
         """M_{t+1} becomes the reference and what the pools serve."""
@@ -232,6 +297,9 @@ class IterativeAlgorithm:
         in_training: tuple[list, Batch, float] | None = None
         failure: Exception | None = None
         last_log = time.perf_counter()
+        stages = "generate + judge" if len(self.pools.judges) else "generate"
+        progress = tqdm(total=self._prompts_in_iteration(it), initial=skip, unit="prompt", mininterval=2.0,
+                        desc=f"[iteration {it}] {stages}", dynamic_ncols=True, leave=False)
         while True:
             reason = self.stopper.requested()
             stopping = reason is not None or failure is not None
@@ -245,6 +313,14 @@ class IterativeAlgorithm:
             for scored in pipeline.pop_ready():
                 for outcome in self._outcomes(scored, summary):
                     batcher.add(outcome)
+                    if outcome.sample is None and outcome.reason:
+                        summary.bad_reasons[outcome.reason] = summary.bad_reasons.get(outcome.reason, 0) + 1
+                room = JUDGEMENT_TABLE_ROWS - len(self._judgement_log)
+                if room > 0:
+                    self._judgement_log += self._judgement_rows(scored)[:room]
+                self._watch(summary)
+                progress.update(1)
+                progress.set_postfix_str(self._progress_text(summary, pipeline), refresh=False)
             if in_training is None and not stopping and batcher.ready() and not self._steps_exhausted():
                 batch = batcher.pop()
                 in_training = (self.pools.learner.train_step_async(batch.samples, loss_cfg), batch,
@@ -272,6 +348,8 @@ class IterativeAlgorithm:
                     self._after_step()
                     last_log = now
                     in_training = None
+        progress.close()
+        self._flush_judgements(it)
         leftover, judge_left = batcher.drain()
         summary.unused_pairs = sum(o.sample is not None for o in leftover) + len(judge_left)
         self.ctx.metrics.log({"train/unused_pairs": summary.unused_pairs, "train/iteration": it}, self.step)
@@ -344,6 +422,21 @@ class IterativeAlgorithm:
                                    self.ctx.last_user_text(encoded.prompt_messages), conv.metadata,
                                    encoded.answer_ids if with_answers else None)
 
+    def _prompts_in_iteration(self, iteration: int) -> int:
+        """Prompts the iteration releases (its epochs' orders; too-long prompts, dropped later, included)."""
+        return sum(len(self._order(iteration, epoch)) for epoch in range(self.cfg.algorithm.max_epochs))
+
+    def _progress_text(self, summary: IterationSummary, pipeline: RolloutPipeline) -> str:
+        s = summary.stats
+        elapsed = max(1e-9, time.perf_counter() - pipeline.started)
+        parts = [f"{pipeline.counters.total_tokens / elapsed:.0f} tok/s"]
+        if s.judgements:
+            parts.append(f"parse {s.valid_judgements / s.judgements:.0%}")
+        if s.prompts:
+            parts.append(f"no pair {s.bad_samples / s.prompts:.0%}")
+        parts.append(f"steps {summary.steps}")
+        return ", ".join(parts)
+
     def _log_step(self, metrics: dict, batch: Batch, summary: IterationSummary, step_time: float,
                   window: float, pipeline: RolloutPipeline, loss_cfg: LossConfig) -> None:
         self.step += 1
@@ -370,6 +463,7 @@ class IterativeAlgorithm:
         self._table_rows = [[self.step, o.prompt_text, o.chosen_text, o.rejected_text, o.sample.chosen_score,
                              o.sample.rejected_score] for o in batch.outcomes[:GENERATION_TABLE_ROWS]]
         self._emit(row)
+        self._flush_judgements(summary.iteration)
 
     def _emit(self, row: dict) -> None:
         self.ctx.metrics.log(row, self.step)
@@ -391,9 +485,9 @@ class IterativeAlgorithm:
         if self._validated_at == self.step:  # already done at this step (interval and iteration end met)
             return self._val_loss
         self._validated_at = self.step
-        if self._table_rows:
-            self.ctx.metrics.table("table/train_generations", list(GENERATION_TABLE_COLUMNS), self._table_rows,
-                                   self.step)
+        # Written even with no pair to show: an empty table says so where a missing one says nothing.
+        self.ctx.metrics.table("table/train_generations", list(GENERATION_TABLE_COLUMNS), self._table_rows,
+                               self.step)
         samples = self._val_samples()
         if not samples:
             return None

@@ -15,7 +15,12 @@ from ..errors import WrongWeightVersion
 from .. import meta
 from ..pairs import Candidate, select_pair
 from ..rollout import RolloutPipeline, ScoredPrompt
-from .iterative import IterationSummary, IterativeAlgorithm
+from .iterative import WATCH_AFTER_PROMPTS, IterationSummary, IterativeAlgorithm
+
+PARSE_ALARM = 0.5  # warn when fewer judgements than this share give a score
+JUDGE_ADVICE = ("try a judge that can score (another judge.backend), a shorter judge.template, more "
+                "judge.sampling.max_new_tokens (the score comes last), or a judge.reward_regex that matches what "
+                "it writes")
 
 
 class SelfRewarding(IterativeAlgorithm):
@@ -40,6 +45,37 @@ class SelfRewarding(IterativeAlgorithm):
             sampling=self.sampling, num_responses=a.num_responses_to_gen, num_evals=a.num_evals_to_average,
             chunk_size=a.rollout_batch_size, seed=self.cfg.seed, iteration=iteration, meta_judge=a.use_meta_judge,
             score_regex=self.cfg.judge.reward_regex)
+
+    def _judgement_rows(self, scored: ScoredPrompt) -> list[list]:
+        """Each judgement of the prompt's first judged response, then its meta-judgements."""
+        rows = []
+        for text, j in zip(scored.texts, scored.judgements):
+            if j is not None:
+                rows += [["judge", scored.record.user_text, text, t, score] for t, score in zip(j.texts, j.scores)]
+                break
+        if scored.meta is not None:
+            shown = scored.texts[scored.meta.response]
+            rows += [["meta", scored.record.user_text, shown, t, scored.meta.verdicts[order]]
+                     for order, t in scored.meta.texts.items()]
+        return rows
+
+    def _watch(self, summary: IterationSummary) -> None:
+        super()._watch(summary)
+        s = summary.stats
+        if s.judgements >= WATCH_AFTER_PROMPTS and s.valid_judgements / s.judgements < PARSE_ALARM:
+            self._warn_once(summary, "parse", f"[iteration {summary.iteration}] WARNING: only "
+                            f"{s.valid_judgements} of {s.judgements} judgements so far gave a score "
+                            f"(judge.reward_regex in [judge.score_low, judge.score_high]): {JUDGE_ADVICE}. "
+                            f"What the judge writes: {self.cfg.output_dir}/table_judgements.jsonl")
+
+    def _why_nothing_trained(self, summary: IterationSummary) -> str:
+        s = summary.stats
+        if not s.judgements:
+            return ("no response ended properly, so none was judged: raise algorithm.sampling.max_new_tokens or "
+                    "add the model's end-of-turn marker to algorithm.sampling.stop_strings")
+        return (f"the judge gave a score in {s.valid_judgements} of {s.judgements} judgements "
+                f"({s.valid_judgements / s.judgements:.0%}); a prompt needs two responses with different mean "
+                f"scores: {JUDGE_ADVICE}")
 
     def _judge_pair_cap(self) -> int:
         a = self.cfg.algorithm

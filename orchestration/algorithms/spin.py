@@ -115,6 +115,12 @@ class Spin(IterativeAlgorithm):
                                           rejected_text=earlier_text))
         return outcomes
 
+    def _why_nothing_trained(self, summary: IterationSummary) -> str:
+        if summary.stats.unended == summary.stats.responses:
+            return ("no generation ended properly: raise algorithm.sampling.max_new_tokens or add the model's "
+                    "end-of-turn marker to algorithm.sampling.stop_strings")
+        return ""
+
     def _step_metrics(self, batch: Batch, pipeline: RolloutPipeline) -> dict:
         s = batch.stats
         return {"bad_valids_per_GBS": s.bad_samples / max(1, s.prompts),
