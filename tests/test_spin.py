@@ -30,7 +30,7 @@ class FakeTokenizer:
 
 def make_spin(tmp_path, *overrides):
     cfg = load_config(["algorithm=spin", f"output_dir={tmp_path}", *overrides])
-    ctx = SimpleNamespace(tokenizer=FakeTokenizer(), evaluator=None)
+    ctx = SimpleNamespace(tokenizer=FakeTokenizer(), evaluator=None, renderer=SimpleNamespace(stop_strings=()))
     spin = Spin(cfg, ctx, pools=None, checkpoints=None, reference_dir="")
     spin._previous, spin._keep, spin._written = None, None, set()
     return spin

@@ -70,12 +70,16 @@ class SelfRewarding(IterativeAlgorithm):
 
     def _why_nothing_trained(self, summary: IterationSummary) -> str:
         s = summary.stats
-        if not s.judgements:
-            return ("no response ended properly, so none was judged: raise algorithm.sampling.max_new_tokens or "
-                    "add the model's end-of-turn marker to algorithm.sampling.stop_strings")
-        return (f"the judge gave a score in {s.valid_judgements} of {s.judgements} judgements "
-                f"({s.valid_judgements / s.judgements:.0%}); a prompt needs two responses with different mean "
-                f"scores: {JUDGE_ADVICE}")
+        why = []
+        if s.responses and s.unended / s.responses > 0.5:
+            why.append(f"{s.unended} of {s.responses} responses did not end before algorithm.sampling.max_new_tokens="
+                       f"{self.cfg.algorithm.sampling.max_new_tokens} (only ended ones are judged): raise it, or add "
+                       "the model's end-of-turn marker to algorithm.sampling.stop_strings")
+        if s.judgements:
+            why.append(f"the judge gave a score in {s.valid_judgements} of {s.judgements} judgements "
+                       f"({s.valid_judgements / s.judgements:.0%}); a prompt needs two responses with different mean "
+                       f"scores: {JUDGE_ADVICE}")
+        return "; ".join(why)
 
     def _judge_pair_cap(self) -> int:
         a = self.cfg.algorithm
