@@ -163,8 +163,9 @@ class CollectiveRefit:
                             "and the learner may have trained past that version): resume from the last checkpoint")
 
     def _members_in_group(self) -> bool:
-        """Whether every engine is in the current group (a replica Ray restarted reports none). One found dead is waited for and counted, as a failed call
-        would be; the rebuilt group's broadcast then gives it the new weights."""
+        """Whether every engine is in the current group (a replica Ray restarted reports none). One found dead
+        is waited for and counted against cluster.max_restarts, as a failed call would be; the rebuilt group's
+        broadcast then gives it the new weights."""
         intact = True
         refs = [pool.call(i, "refit_group") for pool, i in self.engines]
         for (pool, i), ref in zip(self.engines, refs):

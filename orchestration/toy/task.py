@@ -1,8 +1,8 @@
 """The toy task: small integer addition, with an additive 5-point rubric a judge can be checked against.
 
 A question is "What is 47 + 38?" (operands 0 to model.toy.max_operand, 49 by default); the ground-truth
-answer is the number. The rubric follows the additive
-idea of the Self-Rewarding paper's judge prompt (one point per criterion met, criteria getting stricter):
+answer is the number. The rubric follows the additive idea of the Self-Rewarding paper's judge prompt (one
+point per criterion met, criteria getting stricter):
   1. the reply is a number;  2. it has the right number of digits;  3. its last digit is right;
   4. its first digit is right;  5. it is exactly right.
 The judge first works the sum out column by column with carries (its "justification", the way a real
