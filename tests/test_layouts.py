@@ -17,18 +17,22 @@ from orchestration import load_config, run
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("algorithm", ["self_rewarding", "meta_rewarding"])
-def test_judge_pool_with_collective_refit_runs_two_iterations(algorithm, ray_session, toy_cache, tmp_path):
+# The README's GPU layout (one replica per pool), and deploy/README.md's (two generator and two judge replicas).
+@pytest.mark.parametrize("algorithm, replicas", [("self_rewarding", 1), ("meta_rewarding", 2)])
+def test_judge_pool_with_collective_refit_runs_two_iterations(algorithm, replicas, ray_session, toy_cache, tmp_path):
     logs: list[str] = []
     cfg = load_config([
         f"algorithm={algorithm}", f"output_dir={tmp_path}", f"model.toy.cache_dir={toy_cache}",
         "logger.wandb.mode=disabled", *TOY_TEST_OVERRIDES,
         "cluster.refit_transport=gloo", "algorithm.max_iterations=2", "algorithm.limit_train_batches=2",
         "algorithm.global_batch_size=8", "algorithm.micro_batch_size=4",
+        *[f"cluster.{pool}.{key}" for pool in ("generators", "judges")
+          for key in (f"replicas={replicas}", "num_cpus=0.5")], "cluster.learner.num_cpus=0.5",
     ])
     result = run(cfg, log=logs.append)
     assert "[run] weight refits: gloo" in logs
-    assert any(line.startswith("[refit] gloo group 1: learner rank 0 + 2 engine replica(s)") for line in logs)
+    members = f"learner rank 0 + {2 * replicas} engine replica(s)"
+    assert any(line.startswith(f"[refit] gloo group 1: {members}") for line in logs)
     assert [c.name for c in result.checkpoints] == ["iter_0", "iter_1"]
     assert [r["iteration"] for r in result.iterations] == [0, 1, 2]
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
