@@ -153,7 +153,7 @@ class LearnerGroup:
         """`scheduling`: one Ray scheduling strategy per rank (the caller's placement), or None: Ray places them.
         `wait`: how the results of the group's calls are awaited, like ray.get (the orchestrator passes one with
         health checks); called only after construction. `setup_timeout_s`: how long the rendezvous and then the
-        setup (joining the group, loading the model) may each take: RuntimeError naming the late workers."""
+        setup (joining the group, loading the model) may each take: SetupTimeout naming the late workers."""
         self.spec = spec
         self.wait = wait
         actor_cls = ray.remote(concurrency_groups={"health": 1})(LearnerWorker)
@@ -239,8 +239,12 @@ class LearnerGroup:
             ray.kill(w)
 
 
+class SetupTimeout(RuntimeError):
+    """A learner worker did not finish its rendezvous or setup within the group's setup_timeout_s."""
+
+
 def _bounded_get(refs: list, stage: str, timeout_s: float) -> list:
-    """ray.get of one call per worker (refs[r] on rank r) within `timeout_s`: RuntimeError naming the ranks still
+    """ray.get of one call per worker (refs[r] on rank r) within `timeout_s`: SetupTimeout naming the ranks still
     busy then. A worker's error is raised as soon as it arrives (the other ranks may wait for it forever)."""
     deadline = time.monotonic() + timeout_s
     pending = list(refs)
@@ -248,7 +252,7 @@ def _bounded_get(refs: list, stage: str, timeout_s: float) -> list:
         done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not done:
             late = ", ".join(str(rank) for rank, ref in enumerate(refs) if ref in pending)
-            raise RuntimeError(f"learner worker(s) {late} did not finish {stage} within {timeout_s:g}s "
+            raise SetupTimeout(f"learner worker(s) {late} did not finish {stage} within {timeout_s:g}s "
                                "(setup_timeout_s): a worker that cannot be placed, or cannot reach rank 0, waits here")
         ray.get(done)
     return ray.get(refs)

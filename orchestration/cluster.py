@@ -25,7 +25,7 @@ from actors.engines import EngineSpec
 from actors.generator import GeneratorActor
 from actors.judges import judge_backend
 from actors.judges.protocol import JudgeSpec
-from learner.group import LearnerGroup, LearnerSpec
+from learner.group import LearnerGroup, LearnerSpec, SetupTimeout
 
 from . import placement
 from .config import ClusterConfig
@@ -351,9 +351,7 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoo
             pools.learner = LearnerGroup(learner, [placement.in_bundle(groups["cluster.learner"], r)
                                                    for r in range(learner.workers)], wait=pools.get,
                                          setup_timeout_s=START_TIMEOUT_S)
-        except RuntimeError as e:
-            if isinstance(e, ray.exceptions.RayError):
-                raise
+        except SetupTimeout as e:
             raise LearnerFailed(str(e)) from None
     # Engines loaded (a replica that cannot load its model fails here, with its error).
     for pool in pools.engine_pools:

@@ -30,8 +30,7 @@ from . import judge_templates
 from .cluster import JudgePoolSpec, connect, start_pools
 from .config import (JUDGED, Config, ConfigError, judge_follows_policy, max_seconds, refit_transport, sampling_params,
                      to_yaml)
-from .errors import PoolFailed, RunFailed
-from .errors import one_line
+from .errors import PoolFailed, RunFailed, one_line
 from .context import RunContext
 from .data import JsonlDataset
 from .metrics import MetricsLogger
@@ -122,8 +121,7 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     except (PoolFailed, RayError) as e:
         latest = checkpoints.latest()
         where = f"the last complete checkpoint is {latest.path}" if latest else "no checkpoint was completed yet"
-        what = str(e) if isinstance(e, PoolFailed) else f"{type(e).__name__}: {one_line(e)}"
-        raise RunFailed(f"the run stopped: {what}. {where}; run the same command again to resume "
+        raise RunFailed(f"the run stopped: {_failure(e)}. {where}; run the same command again to resume "
                         f"{'from it' if latest else 'from the start'}.") from None
     finally:
         if pools is not None:
@@ -139,6 +137,11 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     marker.write_text(json.dumps({"iterations": rows, "seconds": seconds}, indent=2))
     log(f"[run] finished in {seconds:.0f}s; outputs in {out}")
     return _result(out, rows, seconds)
+
+
+def _failure(error: Exception) -> str:
+    """What failed, in one line: our own message for a PoolFailed, a Ray error's type and last line."""
+    return str(error) if isinstance(error, PoolFailed) else f"{type(error).__name__}: {one_line(error)}"
 
 
 def _resume_point(cfg: Config, out: Path, checkpoints: Checkpoints, log) -> Checkpoint | None:
@@ -206,9 +209,8 @@ def _run_generation(cfg: Config, log) -> RunResult:
         ctx = _context(cfg, setup, None, log)
         summary = BatchGeneration(cfg, ctx, pools, output).run(start_at)
     except (PoolFailed, RayError) as e:
-        what = str(e) if isinstance(e, PoolFailed) else f"{type(e).__name__}: {one_line(e)}"
-        raise RunFailed(f"the generation job stopped: {what}. {output.path} keeps every complete line; run the "
-                        "same command again to continue after the last one.") from None
+        raise RunFailed(f"the generation job stopped: {_failure(e)}. {output.path} keeps every complete line; "
+                        "run the same command again to continue after the last one.") from None
     finally:
         output.close()
         if pools is not None:

@@ -14,7 +14,7 @@ from .errors import ConfigError, RunFailed
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _take_cfg_flag(args: list[str]) -> bool:
-    """Remove `--cfg job` (or `-c job`) from `args`; whether it was there. ConfigError for another --cfg value."""
+    """Remove `--cfg job` (or `-c job`) from `args`; whether it was there. Another --cfg value exits with 2."""
     for flag in ("--cfg", "-c"):
         if flag in args:
             i = args.index(flag)
