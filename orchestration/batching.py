@@ -25,6 +25,7 @@ class OutcomeStats:
     unended: int = 0
     judgements: int = 0
     valid_judgements: int = 0
+    judge_top_scores: int = 0  # valid judgements at judge.score_high: a judge collapsing to the top score
     judged_responses: int = 0  # responses sent to the judge (those that ended properly)
     judge_shortened: int = 0  # judged on the last user turn only
     judge_trimmed: int = 0  # response cut from the end to fit the judge

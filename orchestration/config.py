@@ -125,12 +125,14 @@ class OptimSchema:
 @dataclass
 class ToyConfig:
     cache_dir: str = "~/.cache/selfreward"
+    seed: Optional[int] = None  # the toy world's seed (data, tokenizer, M0, bootstrap); None = the run's seed
     max_operand: int = 49
     train_prompts: int = 512
-    val_prompts: int = 128
+    val_prompts: int = 512
     bootstrap_steps: int = 600
     bootstrap_lr: float = 3e-3
     meta_judgements: Optional[int] = None  # meta-judge bootstrap examples; None = 1500 with the meta-judge, else 0
+    device: str = "cpu"  # where the bootstrap runs: cpu | cuda (a different M1, as good; its own cache entry)
 
 
 @dataclass

@@ -297,15 +297,21 @@ def _resolve_model(cfg: Config, log):
     from .toy.evaluate import ToyEvaluator
 
     t = cfg.model.toy
-    recipe = toy_world.ToyRecipe(max_operand=t.max_operand, train_prompts=t.train_prompts,
-                                 val_prompts=t.val_prompts, bootstrap_steps=t.bootstrap_steps,
-                                 bootstrap_lr=t.bootstrap_lr, meta_judgements=_toy_meta_judgements(cfg))
+    recipe = toy_world.ToyRecipe(seed=cfg.seed if t.seed is None else t.seed, max_operand=t.max_operand,
+                                 train_prompts=t.train_prompts, val_prompts=t.val_prompts, bootstrap_steps=t.bootstrap_steps,
+                                 bootstrap_lr=t.bootstrap_lr, meta_judgements=_toy_meta_judgements(cfg),
+                                 device=t.device)
     toy = toy_world.prepare(recipe, t.cache_dir, log)
     log(f"[toy] M1 at {toy.model_dir}: answer accuracy {toy.report['answer_accuracy']:.1%}, judge parse rate "
         f"{toy.report['judge_parse_rate']:.1%}, judge accuracy {toy.report['judge_accuracy']:.1%}")
 
     def evaluator(renderer: ChatRenderer):
-        return ToyEvaluator(renderer, JsonlDataset(toy.val_file))
+        j = cfg.judge
+        sampling = sampling_params(j.sampling.resolve(cfg.algorithm.sampling), renderer.stop_strings)
+        return ToyEvaluator(renderer, JsonlDataset(toy.val_file),
+                            judge_template=judge_templates.resolve("judge.template", j.template),
+                            judge_sampling=sampling, score_regex=j.reward_regex,
+                            score_range=(j.score_low, j.score_high))
 
     return toy.model_dir, (toy.train_file, toy.val_file), evaluator, toy.report
 

@@ -84,6 +84,34 @@ def test_generations_table_and_iteration_table(finished_run):
     assert all(r["task_accuracy"] is not None for r in result.iterations)
 
 
+def test_failure_mode_figures_per_step_per_iteration_and_in_the_table(finished_run):
+    _, result, rows = finished_run
+    pref = [r for r in rows if "train/preference_loss" in r]
+    for r in pref:
+        assert 0 <= r["train/judge_top_score_share"] <= 1
+        assert r["train/chosen_response_tokens"] > 0 and r["train/rejected_response_tokens"] > 0
+        assert r["train/reward_agreement"] == r["train/acc"]
+    assert pref[0]["train/reward_agreement"] == 0  # pi == pi_ref: no pair strictly ahead
+    complete = json.loads((result.output_dir / "run_complete.json").read_text())["iterations"]
+    assert complete == result.iterations
+    sft, it1, final = complete
+    assert all(sft[k] is None for k in ("top_score_share", "chosen_length", "rejected_length", "reward_agreement"))
+    assert 0 <= it1["top_score_share"] <= 1 and 0 <= it1["reward_agreement"] <= 1
+    assert it1["chosen_length"] > 0 and it1["rejected_length"] > 0
+    # Every step has GBS actor pairs (no meta-judge), so the iteration's means are the steps' means.
+    assert it1["chosen_length"] == pytest.approx(sum(r["train/chosen_response_tokens"] for r in pref) / len(pref))
+    assert it1["reward_agreement"] == pytest.approx(sum(r["train/acc"] for r in pref) / len(pref))
+    assert it1["judge_pair_batch_share"] is None and final["judge_pair_batch_share"] is None
+    # The rows are also metrics: iter/<key> at each iteration's end, final/<key> for the final model.
+    logged = [r for r in rows if "iter/iteration" in r]
+    assert [r["iter/iteration"] for r in logged] == [0, 1]
+    assert logged[1]["iter/top_score_share"] == it1["top_score_share"]
+    assert logged[1]["iter/chosen_length"] == it1["chosen_length"] and "iter/checkpoint" not in logged[1]
+    assert logged[1]["step"] == pref[-1]["step"]
+    [last] = [r for r in rows if "final/iteration" in r]
+    assert last["final/iteration"] == 2 and last["final/task_accuracy"] == final["task_accuracy"]
+
+
 def test_rerunning_a_finished_run_does_nothing(finished_run):
     cfg, result, _ = finished_run
     assert run(cfg).iterations == result.iterations
@@ -129,3 +157,5 @@ def test_meta_rewarding_mixes_judge_pairs_within_the_cap(ray_session, toy_cache,
     assert state["step"] == 2 and state["phase"] == "mid"
     assert isinstance(state["batcher"]["judge_waiting"], list) and isinstance(state["batcher"]["queue"], list)
     assert result.iterations[0]["judge_pairs"] is not None
+    with_judge_pairs = sum(r["train/meta_pairs_per_GBS"] > 0 for r in steps)
+    assert result.iterations[0]["judge_pair_batch_share"] == pytest.approx(with_judge_pairs / len(steps))

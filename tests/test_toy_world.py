@@ -74,3 +74,58 @@ def test_engine_greedy_equals_transformers_on_the_toy_model(toy_m0):
             out = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         assert result.token_ids == out[0, len(prompt):].tolist()
+
+
+def test_every_flaw_gives_a_judgement_that_differs_from_the_right_one():
+    rng = random.Random(3)
+    seen = {flaw: 0 for flaw in task.FLAWS}
+    for _ in range(300):
+        p = task.sample_problem(rng, 49)
+        answer = task.candidate_answers(rng, p.answer)
+        right = task.judgement_text(p, answer)
+        for flaw in task.FLAWS:
+            wrong = task.flawed_judgement(rng, p, answer, flaw)
+            assert wrong != right
+            assert task.without_score(wrong) != task.without_score(right)  # the meta-judge sees no score
+            seen[flaw] += parse_score(wrong) != parse_score(right)
+    # Most slips change the score (that is what makes them matter), each kind in at least some cases.
+    assert all(n > 50 for n in seen.values()), seen
+
+
+def test_a_slip_in_a_column_carries_into_the_sum():
+    rng = random.Random(0)
+    for _ in range(50):
+        work, believed = task._column_sum_with_slip(47, 38, rng)
+        assert work[-1] == f"Sum: {believed}" and believed != "85"
+        assert work[:-1] != task.column_sum(47, 38)[:-1]
+
+
+def test_the_recipe_hash_names_the_library_versions(monkeypatch):
+    recipe = world.ToyRecipe()
+    before = recipe.digest()
+    monkeypatch.setattr(world, "library_versions", lambda: {"torch": "0.0", "transformers": "0", "tokenizers": "0"})
+    assert recipe.digest() != before
+    assert world.ToyRecipe(seed=2).digest() != world.ToyRecipe(seed=3).digest()
+
+
+_BUILD = """
+import hashlib, sys
+from orchestration.toy import world
+recipe = world.ToyRecipe(seed=5, train_prompts=16, val_prompts=16, bootstrap_answers=64, bootstrap_judgements=128,
+                         bootstrap_steps=12, bootstrap_batch=16, hidden_size=64, layers=2)
+toy = world.prepare(recipe, sys.argv[1], log=lambda *_: None)
+print(hashlib.sha256((toy.model_dir / "model.safetensors").read_bytes()).hexdigest())
+print(hashlib.sha256((toy.model_dir / "tokenizer.json").read_bytes()).hexdigest())
+"""
+
+
+def test_two_builds_in_separate_processes_give_the_same_m1_bit_for_bit(tmp_path):
+    import subprocess
+    import sys
+
+    digests = []
+    for name in ("a", "b"):
+        out = subprocess.run([sys.executable, "-c", _BUILD, str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=600, check=True)
+        digests.append(out.stdout.split())
+    assert len(digests[0]) == 2 and digests[0] == digests[1]

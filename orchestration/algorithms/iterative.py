@@ -50,8 +50,14 @@ class NothingToTrain(RunFailed):
 
 @dataclass
 class IterationSummary:
+    """One iteration's counts; row() is its line in the end-of-run table (and its iter/ metrics).
+
+    reward_agreement is the mean over the iteration's preference steps of the learner's `acc`: a tie counts
+    as disagreement, so the first step (pi == pi_ref, every log-ratio 0) gives 0 and is not left out."""
+
     iteration: int
     task_accuracy: float | None = None  # of M_t, greedy on held-out prompts (toy world only)
+    heldout_judge_accuracy: float | None = None  # of M_t as judge, on held-out probes (toy world only)
     stats: OutcomeStats = field(default_factory=OutcomeStats)
     chosen_scores: list[float] = field(default_factory=list)
     rejected_scores: list[float] = field(default_factory=list)
@@ -62,18 +68,33 @@ class IterationSummary:
     val_loss: float | None = None
     checkpoint: str = ""
     bad_reasons: dict[str, int] = field(default_factory=dict)  # why prompts gave no pair, with counts
+    # Failure-mode watch, kept as sums and counts so a resumed iteration gives the same row (old checkpoints
+    # lack them: the defaults).
+    actor_pairs: int = 0  # trained actor pairs (pairs_trained also counts judge pairs)
+    chosen_tokens: int = 0  # response tokens of those pairs' chosen and rejected sides: length explosion
+    rejected_tokens: int = 0
+    agreement_sum: float = 0.0  # sum over preference steps of the learner's `acc`
+    agreement_steps: int = 0
+    judge_pair_batches: int | None = None  # steps whose batch held a judge pair; None: no meta-judge
 
     def row(self) -> dict:
         s = self.stats
         return {
             "iteration": self.iteration,
             "task_accuracy": self.task_accuracy,
+            "heldout_judge_accuracy": self.heldout_judge_accuracy,
             "judge_parse_rate": s.valid_judgements / s.judgements if s.judgements else None,
             "judge_accuracy": s.judge_correct / s.judge_checked if s.judge_checked else None,
+            "top_score_share": s.judge_top_scores / s.valid_judgements if s.valid_judgements else None,
             "chosen_score": fmean(self.chosen_scores) if self.chosen_scores else None,
             "rejected_score": fmean(self.rejected_scores) if self.rejected_scores else None,
+            "chosen_length": self.chosen_tokens / self.actor_pairs if self.actor_pairs else None,
+            "rejected_length": self.rejected_tokens / self.actor_pairs if self.actor_pairs else None,
             "bad_sample_rate": s.bad_samples / s.prompts if s.prompts else None,
+            "reward_agreement": self.agreement_sum / self.agreement_steps if self.agreement_steps else None,
             "judge_pairs": s.judge_pairs if s.judgements else None,
+            "judge_pair_batch_share": (self.judge_pair_batches / self.steps
+                                       if self.judge_pair_batches is not None and self.steps else None),
             "pairs_trained": self.pairs_trained,
             "unused_pairs": self.unused_pairs,
             "steps": self.steps,
@@ -165,13 +186,15 @@ class IterativeAlgorithm:
                 summary = IterationSummary(it)
                 self.summaries.append(summary)
                 self._table_rows = []
-                if self.ctx.evaluator is not None:
-                    summary.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generate)
+                self._evaluate(summary)
             start = time.perf_counter()
             self._iteration(summary, mid_state)
             mid_state = None
             summary.seconds += time.perf_counter() - start
             summary.val_loss = self._validate()
+            # Before the iteration's checkpoint, which records metrics.jsonl's length: a run resumed from it
+            # keeps this row. Also when nothing trained (a collapsed judge shows in top_score_share).
+            self._log_row(summary, "iter")
             if summary.steps == 0 and not self._steps_exhausted():
                 raise NothingToTrain(self._nothing_trained_message(summary))
             path = self._save(f"iter_{it}", "end")
@@ -185,9 +208,27 @@ class IterativeAlgorithm:
                 raise StopRequested(reason, str(path))
         if self.ctx.evaluator is not None:
             final = IterationSummary(len(self.summaries))
-            final.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generate)
+            self._evaluate(final)
             self.summaries.append(final)
+            # final/, not iter/: logged at the last iteration's step, it would overwrite that row's iter/
+            # values in wandb (one history row per step).
+            self._log_row(final, "final")
         return self.summaries
+
+    def _log_row(self, summary: IterationSummary, prefix: str) -> None:
+        """The end-of-run table's row as `<prefix>/<key>` metrics at the current step (numbers only)."""
+        numbers = {f"{prefix}/{k}": v for k, v in summary.row().items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.ctx.metrics.log(numbers, self.step)
+
+    def _evaluate(self, summary: IterationSummary) -> None:
+        """Ground truth on held-out data (toy world only): M_t's greedy task accuracy and, when M_t is also the
+        judge, its judge accuracy on held-out probes."""
+        if self.ctx.evaluator is None:
+            return
+        summary.task_accuracy = self.ctx.evaluator.task_accuracy(self.pools.generate)
+        if len(self.pools.judges) and self.pools.judges.follows_policy:
+            summary.heldout_judge_accuracy = self.ctx.evaluator.judge_accuracy(self.pools.generate)
 
     def _nothing_trained_message(self, summary: IterationSummary) -> str:
         s, a = summary.stats, self.cfg.algorithm
@@ -447,6 +488,24 @@ class IterativeAlgorithm:
         gen_tokens, judge_tokens = pipeline.counters.take()
         row = {f"train/{k}": v for k, v in metrics.items()}
         row.update({f"train/{k}": v for k, v in self._step_metrics(batch, pipeline).items()})
+        # Length explosion: the actor pairs only (the learner's chosen/reject_lengths include judge pairs).
+        if batch.outcomes:
+            chosen = sum(len(o.sample.chosen_ids) for o in batch.outcomes)
+            rejected = sum(len(o.sample.rejected_ids) for o in batch.outcomes)
+            summary.actor_pairs += len(batch.outcomes)
+            summary.chosen_tokens += chosen
+            summary.rejected_tokens += rejected
+            row["train/chosen_response_tokens"] = chosen / len(batch.outcomes)
+            row["train/rejected_response_tokens"] = rejected / len(batch.outcomes)
+        # Judge vs the policy's implicit reward: `acc`, taken at the pre-update policy. The first step of an
+        # iteration has policy == reference, every log-ratio 0 and no pair strictly ahead, so it reads 0; it
+        # is kept in the iteration's mean (which so leans low by about 1/steps).
+        if "acc" in metrics:
+            row["train/reward_agreement"] = metrics["acc"]
+            summary.agreement_sum += metrics["acc"]
+            summary.agreement_steps += 1
+        if summary.judge_pair_batches is not None:
+            summary.judge_pair_batches += bool(batch.judge_samples)
         row.update({
             "train/bad_ends_per_GBS": s.unended / max(1, s.responses),
             "train/consumed_samples": self.consumed,

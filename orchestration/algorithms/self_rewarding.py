@@ -28,6 +28,9 @@ class SelfRewarding(IterativeAlgorithm):
         if summary.iteration == 0 and self.cfg.algorithm.first_iteration_sft:
             self._sft_iteration(summary, state)
         else:
+            if state is None and self.cfg.algorithm.use_meta_judge:
+                # counting starts here (a resumed iteration has its count; an old checkpoint's stays None)
+                summary.judge_pair_batches = 0
             # per iteration: the judge changes, so does the balance of its score classes
             self._balance = meta.ScoreClassBalance(self.cfg.algorithm.meta_max_relative_pcnt)
             if state:
@@ -112,6 +115,7 @@ class SelfRewarding(IterativeAlgorithm):
             stats.judge_too_long += j.too_long
             stats.judgements += len(j.scores)
             stats.valid_judgements += len(j.valid)
+            stats.judge_top_scores += sum(score == self.cfg.judge.score_high for score in j.valid)
             truth = oracle(scored.record.metadata, text) if oracle else None
             if truth is not None:
                 stats.judge_checked += len(j.valid)
@@ -150,7 +154,7 @@ class SelfRewarding(IterativeAlgorithm):
     def _step_metrics(self, batch: Batch, pipeline: RolloutPipeline) -> dict:
         s = batch.stats
         samples = [o.sample for o in batch.outcomes]  # actor pairs: their judge scores are the generated rewards
-        return {
+        out = {
             "bad_samples_per_GBS": s.bad_samples / s.prompts,
             "judge_parse_rate": s.valid_judgements / s.judgements if s.judgements else 0.0,
             "judge_prompts_shortened": s.judge_shortened / max(1, s.judged_responses),
@@ -164,3 +168,6 @@ class SelfRewarding(IterativeAlgorithm):
             "chosen_generated_rewards": fmean(x.chosen_score for x in samples),
             "rejected_generated_rewards": fmean(x.rejected_score for x in samples),
         }
+        if s.valid_judgements:  # no valid judgement among the batch's prompts: no share to show
+            out["judge_top_score_share"] = s.judge_top_scores / s.valid_judgements
+        return out

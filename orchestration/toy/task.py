@@ -78,14 +78,33 @@ def judgement_text(problem: Problem, response: str) -> str:
 
     Spelling out the compared parts ("Last: 9 vs 8 no") makes every check a copy-and-compare step.
     """
-    text, truth = response.strip(), str(problem.answer)
-    met = criteria_met(text, problem.answer)
-    lines = column_sum(problem.a, problem.b) + [f"Number: {_yes(met[0])}"]
+    return _judgement(column_sum(problem.a, problem.b), str(problem.answer), response)
+
+
+def _judgement(work: list[str], believed: str, response: str, flip: int | None = None,
+               miscopy: str | None = None) -> str:
+    """A judgement from worked lines ending in "Sum: <believed>", graded against `believed`; `flip` inverts one
+    check's verdict and `miscopy` replaces the response's digit a check reads (both: judge slips)."""
+    text = response.strip()
+    met = list(criteria_met(text, int(believed)))
+    lines = work + [f"Number: {_yes(met[0])}"]
     if met[0]:
-        compared = [(len(text), len(truth)), (text[-1], truth[-1]), (text[0], truth[0]), (text, truth)]
-        lines += [f"{name}: {got} vs {want} {_yes(ok)}" for name, (got, want), ok in zip(CRITERIA[1:], compared, met[1:])]
+        got = miscopy if miscopy is not None else text
+        compared = [(len(text), len(believed)), (got[-1], believed[-1]), (got[0], believed[0]), (text, believed)]
+        if miscopy is not None:  # the slip decides the last- and first-digit checks it touched
+            met[2], met[3] = got[-1] == believed[-1], got[0] == believed[0]
+        checks = list(zip(CRITERIA[1:], compared, met[1:]))
     else:
-        lines += [f"{name}: no" for name in CRITERIA[1:]]
+        checks = [(name, None, False) for name in CRITERIA[1:]]
+    if flip is not None:
+        met[flip] = not met[flip]
+        if flip == 0:
+            lines[-1] = f"Number: {_yes(met[0])}"
+        else:
+            name, pair, ok = checks[flip - 1]
+            checks[flip - 1] = (name, pair, not ok)
+    lines += [f"{name}: {pair[0]} vs {pair[1]} {_yes(ok)}" if pair else f"{name}: {_yes(ok)}"
+              for name, pair, ok in checks]
     return "\n".join(lines + [f"Score: {sum(met)}"])
 
 
@@ -121,13 +140,60 @@ def without_score(judgement: str) -> str:
     return SCORE_LINE.sub("", judgement)
 
 
-def confused_judgement(rng: random.Random, problem: Problem, response: str) -> str:
-    """A plausible wrong judgement: worked out for a slightly wrong operand, so its sum and checks are off."""
-    delta = rng.choice([-3, -2, -1, 1, 2, 3])
-    wrong = Problem(max(0, problem.a + delta), problem.b, problem.form)
-    if wrong.answer == problem.answer:
-        wrong = Problem(problem.a + 4, problem.b, problem.form)
-    return judgement_text(wrong, response)
+FLAWS = ("operand", "column", "sum", "verdict", "copy")
+
+
+def flawed_judgement(rng: random.Random, problem: Problem, response: str, flaw: str | None = None) -> str:
+    """A plausible wrong judgement with one slip of the kinds a sampled judge makes: a misread operand or a
+    wrong column total (the sum and every check follow from it), a wrong "Sum" line, one check's verdict
+    flipped, or a digit of the answer miscopied. The result always differs from the right judgement."""
+    right = judgement_text(problem, response)
+    for _ in range(20):
+        out = _flawed(rng, problem, response, flaw or rng.choice(FLAWS))
+        if out != right:
+            return out
+    return _flawed(rng, problem, response, "operand")  # always changes the worked sum
+
+
+def _flawed(rng: random.Random, problem: Problem, response: str, flaw: str) -> str:
+    a, b, truth = problem.a, problem.b, str(problem.answer)
+    if flaw == "operand":
+        wrong = max(0, a + rng.choice([-3, -2, -1, 1, 2, 3]))
+        wrong = wrong if wrong != a else a + 4
+        return judgement_text(Problem(wrong, b, problem.form), response)
+    if flaw == "column":
+        work, believed = _column_sum_with_slip(a, b, rng)
+        return _judgement(work, believed, response)
+    if flaw == "sum":
+        i = rng.randrange(len(truth))
+        digit = rng.choice([d for d in "0123456789" if d != truth[i] and not (i == 0 and d == "0" and len(truth) > 1)])
+        believed = truth[:i] + digit + truth[i + 1 :]
+        return _judgement(column_sum(a, b)[:-1] + [f"Sum: {believed}"], believed, response)
+    text = response.strip()
+    is_number = criteria_met(text, problem.answer)[0]
+    if flaw == "verdict" or not is_number:
+        return _judgement(column_sum(a, b), truth, response, flip=rng.randrange(5) if is_number else 0)
+    i = rng.choice([0, len(text) - 1])  # "copy": the first or last digit, read wrong
+    digit = rng.choice([d for d in "0123456789" if d != text[i]])
+    return _judgement(column_sum(a, b), truth, response, miscopy=text[:i] + digit + text[i + 1 :])
+
+
+def _column_sum_with_slip(a: int, b: int, rng: random.Random) -> tuple[list[str], str]:
+    """Column addition with one column's total off by one; the carries and the sum follow from it."""
+    width = max(len(str(a)), len(str(b)))
+    slip = rng.randrange(width)
+    lines, digits, carry = [], [], 0
+    for i in range(width):
+        x, y = a // 10**i % 10, b // 10**i % 10
+        total = x + y + carry
+        if i == slip:
+            total = total + 1 if total == 0 or rng.random() < 0.5 else total - 1
+        lines.append(f"{x}+{y}+{carry}={total}")
+        digits.append(str(total % 10))
+        carry = total // 10
+    believed = (str(carry) if carry else "") + "".join(reversed(digits))
+    believed = believed.lstrip("0") or "0"
+    return lines + [f"Sum: {believed}"], believed
 
 
 def meta_judgement_text(problem: Problem, winner: str) -> str:

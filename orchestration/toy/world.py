@@ -20,8 +20,15 @@ from pathlib import Path
 from . import task
 
 # Bump when the code that builds the toy world changes what it produces.
-TOY_WORLD_VERSION = 3
-META_PHASE_STEPS = 150  # second bootstrap phase that teaches M1 the meta-judge format
+TOY_WORLD_VERSION = 5
+# The bootstrap and its evaluation always use this many CPU threads: torch splits reductions by thread
+# count, so os.cpu_count() threads made M1 differ from one machine to the next in its last bits, and a
+# different M1 after 600 steps.
+TOY_THREADS = 2
+# The libraries whose versions decide what the build produces (BPE training, weight initialisation,
+# kernels); they are part of the recipe's hash, so a world built by other versions is never reused.
+DECIDING_LIBRARIES = ("torch", "transformers", "tokenizers")
+META_PHASE_STEPS = 300  # second bootstrap phase that teaches M1 the meta-judge format
 META_PHASE_BATCH = 32
 SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
@@ -37,9 +44,9 @@ class ToyRecipe:
     seed: int = 1234
     max_operand: int = 49
     train_prompts: int = 512  # prompts for the Self-Rewarding iterations
-    val_prompts: int = 128  # held out: val/loss and greedy task accuracy
-    # Few answer examples and many judge examples: M1 answers about half the questions but judges well,
-    # the gap Self-Rewarding feeds on.
+    val_prompts: int = 512  # held out: val/loss, greedy task accuracy and the judge probes
+    # Few answer examples and many judge examples: M1 answers part of the questions but judges well, the
+    # gap Self-Rewarding feeds on.
     bootstrap_answers: int = 600  # instruction examples (question -> answer)
     bootstrap_judgements: int = 3000  # judge-format examples (judge prompt -> judgement)
     meta_judgements: int = 0  # meta-judge examples (two judgements -> which is right); Meta-Rewarding only
@@ -51,13 +58,18 @@ class ToyRecipe:
     bootstrap_steps: int = 600
     bootstrap_batch: int = 64
     bootstrap_lr: float = 3e-3
+    device: str = "cpu"  # where the bootstrap trains and is evaluated (cuda builds a different, equally good M1)
 
     def digest(self) -> str:
-        fields = dataclasses.asdict(self)
-        if not fields["meta_judgements"]:  # recipes from before meta-judge data keep their cache entries
-            del fields["meta_judgements"]
-        payload = json.dumps({"version": TOY_WORLD_VERSION, **fields}, sort_keys=True)
+        payload = json.dumps({"version": TOY_WORLD_VERSION, **dataclasses.asdict(self),
+                              "libraries": library_versions()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in DECIDING_LIBRARIES}
 
 
 @dataclass(frozen=True)
@@ -126,10 +138,15 @@ def _build(recipe: ToyRecipe, root: Path, log) -> None:
     t0 = time.time()
     _bootstrap_sft(model_dir, tokenizer, sft_pairs, recipe, "[toy] bootstrap M0 -> M1", recipe.bootstrap_steps,
                    recipe.bootstrap_batch, recipe.bootstrap_lr)
-    report = evaluate_m1(model_dir, val, recipe.seed, log)
+    report = evaluate_m1(model_dir, val, recipe.seed, log, device=recipe.device)
     report["bootstrap_seconds"] = round(time.time() - t0, 1)
-    (root / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    _write_recipe(root, recipe)
     (root / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def _write_recipe(root: Path, recipe: ToyRecipe) -> None:
+    (root / "recipe.json").write_text(json.dumps({**dataclasses.asdict(recipe), "libraries": library_versions(),
+                                                  "version": TOY_WORLD_VERSION}, indent=2))
 
 
 def _build_meta(recipe: ToyRecipe, base: ToyWorld, root: Path, log) -> None:
@@ -146,9 +163,10 @@ def _build_meta(recipe: ToyRecipe, base: ToyWorld, root: Path, log) -> None:
     tokenizer = AutoTokenizer.from_pretrained(root / "model")
     _bootstrap_sft(root / "model", tokenizer, pairs, recipe, "[toy] meta-judge phase M1 -> M1'",
                    META_PHASE_STEPS, META_PHASE_BATCH, recipe.bootstrap_lr / 3)
-    report = evaluate_m1(root / "model", val, recipe.seed, log, meta=True)
+    report = evaluate_m1(root / "model", val, recipe.seed, log, meta=True, device=recipe.device,
+                         max_operand=recipe.max_operand)
     report["bootstrap_seconds"] = round(base.report["bootstrap_seconds"] + time.time() - t0, 1)
-    (root / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
+    _write_recipe(root, recipe)
     (root / "report.json").write_text(json.dumps(report, indent=2))
 
 
@@ -158,11 +176,12 @@ def meta_judge_prompt(question: str, response: str, judgement_a: str, judgement_
 
 
 def _meta_example(rng: random.Random, max_operand: int) -> tuple[str, str]:
-    """(meta-judge prompt, answer): a right and a confused judgement of one answer, in random order."""
+    """(meta-judge prompt, answer): a right judgement and one with a slip (task.flawed_judgement) of one
+    answer, in random order."""
     p = task.sample_problem(rng, max_operand)
     response = task.candidate_answers(rng, p.answer)
     right = task.without_score(task.judgement_text(p, response))
-    wrong = task.without_score(task.confused_judgement(rng, p, response))
+    wrong = task.without_score(task.flawed_judgement(rng, p, response))
     winner = rng.choice("AB")
     a, b = (right, wrong) if winner == "A" else (wrong, right)
     return meta_judge_prompt(p.question, response, a, b), task.meta_judgement_text(p, winner)
@@ -230,8 +249,8 @@ def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], rec
     optim = OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup, schedule="cosine", decay_steps=steps - warmup,
                         weight_decay=0.0, micro_batch_size=batch_size)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    backend = TorchBackend(str(model_dir), optim, seed=recipe.seed)
+    torch.set_num_threads(TOY_THREADS)
+    backend = TorchBackend(str(model_dir), optim, seed=recipe.seed, device=recipe.device)
     loss_cfg = LossConfig(sft_average_log_probs=True)
     rng = random.Random(recipe.seed + 1)
     order: list[int] = []
@@ -247,8 +266,10 @@ def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], rec
     torch.set_num_threads(threads)
 
 
-def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: bool = False) -> dict:
+def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: bool = False,
+                device: str = "cpu", max_operand: int = 49) -> dict:
     """Greedy answer accuracy and judge parse rate / accuracy of the bootstrapped model on held-out data."""
+    import torch
     from transformers import AutoTokenizer
 
     from actors.engines.protocol import GenerationRequest, SamplingParams
@@ -256,7 +277,9 @@ def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: 
     from actors.judges.parsing import parse_score
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    engine = TorchEngine(str(model_dir), max_batch_size=128)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TOY_THREADS)
+    engine = TorchEngine(str(model_dir), max_batch_size=128, device=device)
 
     def ask(texts: list[str], max_new: int) -> list[str]:
         greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new)
@@ -278,10 +301,11 @@ def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: 
     if meta:
         from actors.judges.parsing import parse_verdict
 
-        probes = [_meta_example(rng, max(p.answer for p in val)) for _ in range(len(val))]
+        probes = [_meta_example(rng, max_operand) for _ in range(len(val))]
         verdicts = [parse_verdict(v) for v in ask([q for q, _ in probes], 40)]
         report["meta_judge_accuracy"] = round(
             sum(v is not None and a.endswith(v) for v, (_, a) in zip(verdicts, probes)) / len(probes), 3)
+    torch.set_num_threads(threads)
     log(f"[toy] M1: greedy answer accuracy {report['answer_accuracy']:.1%}, judge parse rate "
         f"{report['judge_parse_rate']:.1%}, judge exact-score accuracy {report['judge_accuracy']:.1%}"
         + (f", meta-judge accuracy {report['meta_judge_accuracy']:.1%}" if meta else ""))
