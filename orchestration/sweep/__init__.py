@@ -1,5 +1,6 @@
 """Seed sweeps of the toy world: `python -m orchestration.sweep` (docs/sweep.md).
 
+    args       the parsed arguments (SweepArgs)
     cli        argument parsing and checks, main()
     runs       one subprocess per (algorithm, seed), resumable, signals passed on
     aggregate  mean / std over seeds per iteration row, gains (pure functions)
@@ -8,6 +9,7 @@
 """
 
 from .aggregate import aggregate, stats
-from .cli import SweepArgs, main, parse_args
+from .args import SweepArgs
+from .cli import main, parse_args
 
 __all__ = ["SweepArgs", "aggregate", "main", "parse_args", "stats"]

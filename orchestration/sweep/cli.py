@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ALGORITHMS, load_config
 from ..errors import ConfigError
+from .args import SweepArgs
 
-DEFAULT_ALGORITHMS = ("self_rewarding", "meta_rewarding")
 SWEEPABLE = tuple(a for a in ALGORITHMS if a != "generate")  # the ones whose runs end with iteration rows
 OWN_KEYS = ("seeds", "algorithms", "output_dir", "parallel")
 # Set per run by the sweep itself: a pass-through value would silently make every run the same.
@@ -35,15 +34,6 @@ DIR/sweep.md (mean ± std over seeds per iteration, gains per seed) and DIR/swee
 Rerun the same command to continue: finished runs are skipped, interrupted ones resume from their checkpoint.
 Exit codes: 0 all runs finished; 1 some run failed or did not finish; 2 bad arguments; 130/143 interrupted.
 Docs: docs/sweep.md."""
-
-
-@dataclass(frozen=True)
-class SweepArgs:
-    seeds: tuple[int, ...] = (1, 2, 3)
-    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
-    output_dir: Path = Path("outputs/sweep")
-    parallel: int = 1
-    overrides: tuple[str, ...] = ()
 
 
 def parse_args(argv: Sequence[str]) -> SweepArgs:

@@ -7,7 +7,7 @@ import shlex
 from typing import Any, Callable, Sequence
 
 from .aggregate import aggregate
-from .cli import SweepArgs
+from .args import SweepArgs
 from .report import markdown, plot
 from .runs import Executor, Launcher, Outcome, Run, load_finished, plan, wall_seconds
 
