@@ -146,13 +146,9 @@ FLAWS = ("operand", "column", "sum", "verdict", "copy")
 def flawed_judgement(rng: random.Random, problem: Problem, response: str, flaw: str | None = None) -> str:
     """A plausible wrong judgement with one slip of the kinds a sampled judge makes: a misread operand or a
     wrong column total (the sum and every check follow from it), a wrong "Sum" line, one check's verdict
-    flipped, or a digit of the answer miscopied. The result always differs from the right judgement."""
-    right = judgement_text(problem, response)
-    for _ in range(20):
-        out = _flawed(rng, problem, response, flaw or rng.choice(FLAWS))
-        if out != right:
-            return out
-    return _flawed(rng, problem, response, "operand")  # always changes the worked sum
+    flipped, or a digit of the answer miscopied. Every kind changes a worked line or a check, so the result
+    always differs from the right judgement (tests/test_toy_world.py checks it)."""
+    return _flawed(rng, problem, response, flaw or rng.choice(FLAWS))
 
 
 def _flawed(rng: random.Random, problem: Problem, response: str, flaw: str) -> str:
