@@ -129,9 +129,11 @@ class ToyConfig:
     max_operand: int = 49
     train_prompts: int = 512
     val_prompts: int = 512
-    bootstrap_steps: int = 600
+    bootstrap_steps: int = 600  # the judge phase's steps
     bootstrap_lr: float = 3e-3
-    meta_judgements: Optional[int] = None  # meta-judge bootstrap examples; None = 1500 with the meta-judge, else 0
+    meta_judgements: int = 1500  # meta-judge bootstrap examples (every world has them: SR and MR share M1)
+    answer_target: float = 0.4  # the answer phase stops at this greedy accuracy on held-out dev questions
+    answer_steps: int = 600  # the answer phase's most steps
     device: str = "cpu"  # where the bootstrap runs: cpu | cuda (a different M1, as good; its own cache entry)
 
 

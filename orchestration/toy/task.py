@@ -192,6 +192,17 @@ def _column_sum_with_slip(a: int, b: int, rng: random.Random) -> tuple[list[str]
     return lines + [f"Sum: {believed}"], believed
 
 
-def meta_judgement_text(problem: Problem, winner: str) -> str:
-    """The meta-judge's answer: the sum worked out again, then the judgement that matches it."""
-    return "\n".join(column_sum(problem.a, problem.b) + [f"Winner: Judgement {winner}"])
+def judged_sum(judgement: str) -> str:
+    """The sum a judgement worked out (its "Sum: " line), or "?" when it has none."""
+    found = re.search(r"^Sum: (\S+)$", judgement, re.MULTILINE)
+    return found.group(1) if found else "?"
+
+
+def meta_judgement_text(problem: Problem, winner: str, judgement_a: str, judgement_b: str) -> str:
+    """The meta-judge's answer: the sum worked out again, the sum each judgement reached, copied, and the winner.
+
+    Copying "A: 85" and "B: 84" next to its own "Sum: 85" turns the choice into a compare of adjacent lines,
+    which a four-layer model learns; asked for the winner straight after its own sum, it stayed near chance.
+    """
+    return "\n".join(column_sum(problem.a, problem.b)
+                     + [f"A: {judged_sum(judgement_a)}", f"B: {judged_sum(judgement_b)}", f"Winner: Judgement {winner}"])

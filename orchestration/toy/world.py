@@ -20,7 +20,7 @@ from pathlib import Path
 from . import task
 
 # Bump when the code that builds the toy world changes what it produces.
-TOY_WORLD_VERSION = 5
+TOY_WORLD_VERSION = 6
 # The bootstrap and its evaluation always use this many CPU threads: torch splits reductions by thread
 # count, so os.cpu_count() threads made M1 differ from one machine to the next in its last bits, and a
 # different M1 after 600 steps.
@@ -28,7 +28,9 @@ TOY_THREADS = 2
 # The libraries whose versions decide what the build produces (BPE training, weight initialisation,
 # kernels); they are part of the recipe's hash, so a world built by other versions is never reused.
 DECIDING_LIBRARIES = ("torch", "transformers", "tokenizers")
-META_PHASE_STEPS = 300  # second bootstrap phase that teaches M1 the meta-judge format
+META_PHASE_STEPS = 300  # last bootstrap phase that teaches M1 the meta-judge format
+ANSWER_CHECK_EVERY = 10  # answer phase: greedy accuracy on the dev questions every this many steps
+DEV_PROMPTS = 128  # held-out questions that decide when the answer phase stops (apart from val)
 META_PHASE_BATCH = 32
 SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
@@ -45,17 +47,25 @@ class ToyRecipe:
     max_operand: int = 49
     train_prompts: int = 512  # prompts for the Self-Rewarding iterations
     val_prompts: int = 512  # held out: val/loss, greedy task accuracy and the judge probes
-    # Few answer examples and many judge examples: M1 answers part of the questions but judges well, the
-    # gap Self-Rewarding feeds on.
+    # The bootstrap has two phases. The judge phase trains on judge examples only, to convergence. The answer
+    # phase adds the instruction examples (with judge replay) and stops as soon as greedy accuracy on
+    # DEV_PROMPTS held-out questions reaches answer_target: M1 judges well but answers only part of the
+    # questions, the gap Self-Rewarding feeds on. Trained to the end in one phase, M1 answered 19% to 90%
+    # depending on the seed (whether the tiny model generalised addition), and a seed at either end had
+    # nothing to gain; the stop puts every seed's M1 in the same band.
     bootstrap_answers: int = 600  # instruction examples (question -> answer)
     bootstrap_judgements: int = 3000  # judge-format examples (judge prompt -> judgement)
-    meta_judgements: int = 0  # meta-judge examples (two judgements -> which is right); Meta-Rewarding only
+    answer_target: float = 0.4  # the answer phase stops at this greedy dev accuracy
+    answer_steps: int = 600  # the answer phase's most steps (it stops earlier on reaching answer_target)
+    # Meta-judge examples (two judgements -> which is right). Every world has them, whichever the algorithm,
+    # so Self-Rewarding and Meta-Rewarding start from the same M1.
+    meta_judgements: int = 1500
     vocab_size: int = 400
     hidden_size: int = 128
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    bootstrap_steps: int = 600
+    bootstrap_steps: int = 600  # the judge phase's steps
     bootstrap_batch: int = 64
     bootstrap_lr: float = 3e-3
     device: str = "cpu"  # where the bootstrap trains and is evaluated (cuda builds a different, equally good M1)
@@ -89,15 +99,10 @@ def prepare(recipe: ToyRecipe, cache_dir: str | os.PathLike, log=print) -> ToyWo
     """Return the cached toy world for `recipe`, building it first if needed."""
     root = Path(cache_dir).expanduser() / "toy" / recipe.digest()
     if not (root / "report.json").exists():
-        # A meta-judge world is the plain world's M1 plus a second, short phase on meta-judge examples.
-        base = prepare(dataclasses.replace(recipe, meta_judgements=0), cache_dir, log) if recipe.meta_judgements else None
         tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"[toy] building the toy world in {root} (cached for later runs)")
-        if base is None:
-            _build(recipe, tmp, log)
-        else:
-            _build_meta(recipe, base, tmp, log)
+        _build(recipe, tmp, log)
         root.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, root)
@@ -110,8 +115,21 @@ def prepare(recipe: ToyRecipe, cache_dir: str | os.PathLike, log=print) -> ToyWo
 # ---- building ---------------------------------------------------------------------------------------
 
 
-def _data(recipe: ToyRecipe) -> tuple[list[tuple[str, str]], list[task.Problem], list[task.Problem]]:
-    """(bootstrap SFT pairs, Self-Rewarding prompts, held-out problems), all from the recipe's seed."""
+@dataclass(frozen=True)
+class _Data:
+    answers: list[tuple[str, str]]  # instruction examples (question, answer)
+    judgements: list[tuple[str, str]]  # judge examples (judge prompt, judgement)
+    train: list[task.Problem]  # the Self-Rewarding prompts
+    val: list[task.Problem]  # held out: the run's evaluation
+    dev: list[task.Problem]  # held out apart from val: decides when the answer phase stops
+
+    @property
+    def sft_pairs(self) -> list[tuple[str, str]]:
+        return self.answers + self.judgements
+
+
+def _data(recipe: ToyRecipe) -> _Data:
+    """Every example and question of the world, all from the recipe's seed."""
     rng = random.Random(recipe.seed)
     boot_answers = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.bootstrap_answers)]
     boot_judged = []
@@ -120,53 +138,52 @@ def _data(recipe: ToyRecipe) -> tuple[list[tuple[str, str]], list[task.Problem],
         boot_judged.append((p, task.candidate_answers(rng, p.answer)))
     train = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.train_prompts)]
     val = [task.sample_problem(rng, recipe.max_operand) for _ in range(recipe.val_prompts)]
-    sft_pairs = [(p.question, str(p.answer)) for p in boot_answers]
-    sft_pairs += [(judge_prompt(p.question, r), task.judgement_text(p, r)) for p, r in boot_judged]
-    rng.shuffle(sft_pairs)
-    return sft_pairs, train, val
+    dev = [task.sample_problem(rng, recipe.max_operand) for _ in range(DEV_PROMPTS)]
+    answers = [(p.question, str(p.answer)) for p in boot_answers]
+    judgements = [(judge_prompt(p.question, r), task.judgement_text(p, r)) for p, r in boot_judged]
+    return _Data(answers, judgements, train, val, dev)
 
 
 def _build(recipe: ToyRecipe, root: Path, log) -> None:
+    """M0 -> M1 in three phases: judge, meta-judge (when the recipe has meta-judge examples), answer."""
     root.mkdir(parents=True)
-    sft_pairs, train, val = _data(recipe)
-    _write_jsonl(root / "train.jsonl", train)
-    _write_jsonl(root / "val.jsonl", val)
-    corpus = [q + "\n" + a for q, a in sft_pairs]
-    tokenizer = build_tokenizer(corpus, recipe.vocab_size)
+    data = _data(recipe)
+    _write_jsonl(root / "train.jsonl", data.train)
+    _write_jsonl(root / "val.jsonl", data.val)
+    rng = random.Random(recipe.seed + 11)
+    metas = [_meta_example(rng, recipe.max_operand) for _ in range(recipe.meta_judgements)]
+    tokenizer = build_tokenizer([q + "\n" + a for q, a in data.sft_pairs + metas], recipe.vocab_size)
     model_dir = root / "model"
     save_initial_model(tokenizer, recipe, model_dir)
     t0 = time.time()
-    _bootstrap_sft(model_dir, tokenizer, sft_pairs, recipe, "[toy] bootstrap M0 -> M1", recipe.bootstrap_steps,
-                   recipe.bootstrap_batch, recipe.bootstrap_lr)
-    report = evaluate_m1(model_dir, val, recipe.seed, log, device=recipe.device)
+    _bootstrap_sft(model_dir, tokenizer, data.judgements, recipe, "[toy] bootstrap M0 -> M1, judge phase",
+                   recipe.bootstrap_steps, recipe.bootstrap_batch, recipe.bootstrap_lr)
+    if metas:  # meta-judge examples mixed 1:1 with judge replay, so the judge is not forgotten
+        mix = metas + rng.sample(data.judgements, min(len(data.judgements), len(metas)))
+        _bootstrap_sft(model_dir, tokenizer, mix, recipe, "[toy] bootstrap M0 -> M1, meta-judge phase",
+                       META_PHASE_STEPS, META_PHASE_BATCH, recipe.bootstrap_lr / 3)
+    # The answer examples, with as many judge examples and half as many meta-judge ones replayed.
+    mix = data.answers + rng.sample(data.judgements, min(len(data.judgements), len(data.answers)))
+    mix += rng.sample(metas, min(len(metas), len(data.answers) // 2))
+    dev_prompts = [_prompt_ids(tokenizer, p.question) for p in data.dev]
+
+    def reached_target(module) -> float | None:
+        accuracy = _greedy_accuracy(module, tokenizer, dev_prompts, data.dev)
+        return accuracy if accuracy >= recipe.answer_target else None
+
+    steps, dev_accuracy = _bootstrap_sft(model_dir, tokenizer, mix, recipe, "[toy] bootstrap M0 -> M1, answer phase",
+                                         recipe.answer_steps, recipe.bootstrap_batch, recipe.bootstrap_lr / 3,
+                                         until=reached_target)
+    if dev_accuracy is None:
+        log(f"[toy] WARNING: the answer phase ran all {steps} steps without reaching {recipe.answer_target:.0%} "
+            "greedy accuracy on the dev questions; M1 answers fewer questions than the recipe intends")
+    report = evaluate_m1(model_dir, data.val, recipe.seed, log, meta=bool(metas), device=recipe.device,
+                         max_operand=recipe.max_operand)
+    report["answer_phase_steps"] = steps
+    report["dev_answer_accuracy"] = None if dev_accuracy is None else round(dev_accuracy, 3)
     report["bootstrap_seconds"] = round(time.time() - t0, 1)
-    _write_recipe(root, recipe)
-    (root / "report.json").write_text(json.dumps(report, indent=2))
-
-
-def _write_recipe(root: Path, recipe: ToyRecipe) -> None:
     (root / "recipe.json").write_text(json.dumps({**dataclasses.asdict(recipe), "libraries": library_versions(),
                                                   "version": TOY_WORLD_VERSION}, indent=2))
-
-
-def _build_meta(recipe: ToyRecipe, base: ToyWorld, root: Path, log) -> None:
-    """M1 with a meta-judge: the plain M1 trained on meta-judge examples mixed 1:1 with its own data."""
-    from transformers import AutoTokenizer
-
-    shutil.copytree(base.root, root)
-    rng = random.Random(recipe.seed + 11)
-    pairs = [_meta_example(rng, recipe.max_operand) for _ in range(recipe.meta_judgements)]
-    replay, _, val = _data(recipe)
-    pairs += rng.sample(replay, min(len(replay), len(pairs)))
-    rng.shuffle(pairs)
-    t0 = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(root / "model")
-    _bootstrap_sft(root / "model", tokenizer, pairs, recipe, "[toy] meta-judge phase M1 -> M1'",
-                   META_PHASE_STEPS, META_PHASE_BATCH, recipe.bootstrap_lr / 3)
-    report = evaluate_m1(root / "model", val, recipe.seed, log, meta=True, device=recipe.device,
-                         max_operand=recipe.max_operand)
-    report["bootstrap_seconds"] = round(base.report["bootstrap_seconds"] + time.time() - t0, 1)
-    _write_recipe(root, recipe)
     (root / "report.json").write_text(json.dumps(report, indent=2))
 
 
@@ -184,7 +201,7 @@ def _meta_example(rng: random.Random, max_operand: int) -> tuple[str, str]:
     wrong = task.without_score(task.flawed_judgement(rng, p, response))
     winner = rng.choice("AB")
     a, b = (right, wrong) if winner == "A" else (wrong, right)
-    return meta_judge_prompt(p.question, response, a, b), task.meta_judgement_text(p, winner)
+    return meta_judge_prompt(p.question, response, a, b), task.meta_judgement_text(p, winner, a, b)
 
 
 def _write_jsonl(path: Path, problems: list[task.Problem]) -> None:
@@ -232,8 +249,12 @@ def save_initial_model(tokenizer, recipe: ToyRecipe, model_dir: Path) -> None:
 
 
 def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], recipe: ToyRecipe, desc: str,
-                   steps: int, batch_size: int, lr: float) -> None:
-    """Supervised training in this process (M0 -> M1 on instruction and judge-format data: IFT + EFT)."""
+                   steps: int, batch_size: int, lr: float, until=None) -> tuple[int, float | None]:
+    """Supervised training of the checkpoint in `model_dir` in this process, saved back there.
+
+    `until(module)` is asked every ANSWER_CHECK_EVERY steps; a non-None answer stops training early. Returns
+    (steps trained, the last non-None answer or None).
+    """
     import torch
     from tqdm import tqdm
 
@@ -255,15 +276,41 @@ def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], rec
     rng = random.Random(recipe.seed + 1)
     order: list[int] = []
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1.0)
+    done, stopped = 0, None
     for _ in bar:
         if len(order) < batch_size:
             order += rng.sample(range(len(samples)), len(samples))
         batch = [samples[order.pop()] for _ in range(batch_size)]
         metrics = backend.train_step(batch, loss_cfg)
+        done += 1
         bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        if until is not None and done % ANSWER_CHECK_EVERY == 0:
+            stopped = until(backend.module)
+            if stopped is not None:
+                break
     bar.close()
     backend.module.save_pretrained(model_dir, safe_serialization=True)
     torch.set_num_threads(threads)
+    return done, stopped
+
+
+def _greedy_accuracy(module, tokenizer, prompts: list[list[int]], problems: list[task.Problem]) -> float:
+    """Greedy answer accuracy of a model being trained (left-padded batch, 8 new tokens, as evaluate_m1)."""
+    import torch
+
+    device = next(module.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    was_training = module.training
+    module.eval()
+    with torch.no_grad():
+        out = module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    module.train(was_training)
+    answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return sum(task.is_correct(a, p.answer) for a, p in zip(answers, problems)) / len(problems)
 
 
 def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: bool = False,
@@ -302,7 +349,7 @@ def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: 
         from actors.judges.parsing import parse_verdict
 
         probes = [_meta_example(rng, max_operand) for _ in range(len(val))]
-        verdicts = [parse_verdict(v) for v in ask([q for q, _ in probes], 40)]
+        verdicts = [parse_verdict(v) for v in ask([q for q, _ in probes], 48)]
         report["meta_judge_accuracy"] = round(
             sum(v is not None and a.endswith(v) for v, (_, a) in zip(verdicts, probes)) / len(probes), 3)
     torch.set_num_threads(threads)
