@@ -199,10 +199,13 @@ def judged_sum(judgement: str) -> str:
 
 
 def meta_judgement_text(problem: Problem, winner: str, judgement_a: str, judgement_b: str) -> str:
-    """The meta-judge's answer: the sum worked out again, the sum each judgement reached, copied, and the winner.
+    """The meta-judge's answer: the sum worked out again, each judgement's sum checked against it ("A: 84 vs 85
+    no", the judge's own compare step), then the winner.
 
-    Copying "A: 85" and "B: 84" next to its own "Sum: 85" turns the choice into a compare of adjacent lines,
-    which a four-layer model learns; asked for the winner straight after its own sum, it stayed near chance.
+    Asked for the winner straight after its own sum, or after copying the two sums, the four-layer model
+    stayed at chance; a compare line per judgement puts the decision next to the evidence.
     """
-    return "\n".join(column_sum(problem.a, problem.b)
-                     + [f"A: {judged_sum(judgement_a)}", f"B: {judged_sum(judgement_b)}", f"Winner: Judgement {winner}"])
+    truth = str(problem.answer)
+    checks = [f"{name}: {judged_sum(j)} vs {truth} {_yes(judged_sum(j) == truth)}"
+              for name, j in (("A", judgement_a), ("B", judgement_b))]
+    return "\n".join(column_sum(problem.a, problem.b) + checks + [f"Winner: Judgement {winner}"])

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import task
 
 # Bump when the code that builds the toy world changes what it produces.
-TOY_WORLD_VERSION = 6
+TOY_WORLD_VERSION = 8
 # The bootstrap and its evaluation always use this many CPU threads: torch splits reductions by thread
 # count, so os.cpu_count() threads made M1 differ from one machine to the next in its last bits, and a
 # different M1 after 600 steps.
@@ -28,10 +28,8 @@ TOY_THREADS = 2
 # The libraries whose versions decide what the build produces (BPE training, weight initialisation,
 # kernels); they are part of the recipe's hash, so a world built by other versions is never reused.
 DECIDING_LIBRARIES = ("torch", "transformers", "tokenizers")
-META_PHASE_STEPS = 300  # last bootstrap phase that teaches M1 the meta-judge format
 ANSWER_CHECK_EVERY = 10  # answer phase: greedy accuracy on the dev questions every this many steps
 DEV_PROMPTS = 128  # held-out questions that decide when the answer phase stops (apart from val)
-META_PHASE_BATCH = 32
 SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -145,7 +143,7 @@ def _data(recipe: ToyRecipe) -> _Data:
 
 
 def _build(recipe: ToyRecipe, root: Path, log) -> None:
-    """M0 -> M1 in three phases: judge, meta-judge (when the recipe has meta-judge examples), answer."""
+    """M0 -> M1 in two phases: judge and meta-judge examples, then answers (with replay) until answer_target."""
     root.mkdir(parents=True)
     data = _data(recipe)
     _write_jsonl(root / "train.jsonl", data.train)
@@ -156,12 +154,8 @@ def _build(recipe: ToyRecipe, root: Path, log) -> None:
     model_dir = root / "model"
     save_initial_model(tokenizer, recipe, model_dir)
     t0 = time.time()
-    _bootstrap_sft(model_dir, tokenizer, data.judgements, recipe, "[toy] bootstrap M0 -> M1, judge phase",
+    _bootstrap_sft(model_dir, tokenizer, data.judgements + metas, recipe, "[toy] bootstrap M0 -> M1, judge phase",
                    recipe.bootstrap_steps, recipe.bootstrap_batch, recipe.bootstrap_lr)
-    if metas:  # meta-judge examples mixed 1:1 with judge replay, so the judge is not forgotten
-        mix = metas + rng.sample(data.judgements, min(len(data.judgements), len(metas)))
-        _bootstrap_sft(model_dir, tokenizer, mix, recipe, "[toy] bootstrap M0 -> M1, meta-judge phase",
-                       META_PHASE_STEPS, META_PHASE_BATCH, recipe.bootstrap_lr / 3)
     # The answer examples, with as many judge examples and half as many meta-judge ones replayed.
     mix = data.answers + rng.sample(data.judgements, min(len(data.judgements), len(data.answers)))
     mix += rng.sample(metas, min(len(metas), len(data.answers) // 2))
@@ -349,7 +343,7 @@ def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: 
         from actors.judges.parsing import parse_verdict
 
         probes = [_meta_example(rng, max_operand) for _ in range(len(val))]
-        verdicts = [parse_verdict(v) for v in ask([q for q, _ in probes], 48)]
+        verdicts = [parse_verdict(v) for v in ask([q for q, _ in probes], 64)]
         report["meta_judge_accuracy"] = round(
             sum(v is not None and a.endswith(v) for v, (_, a) in zip(verdicts, probes)) / len(probes), 3)
     torch.set_num_threads(threads)
