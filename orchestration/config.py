@@ -131,7 +131,7 @@ class ToyConfig:
     val_prompts: int = 512
     bootstrap_steps: int = 600  # the judge phase's steps
     bootstrap_lr: float = 3e-3
-    meta_judgements: int = 1500  # meta-judge bootstrap examples (every world has them: SR and MR share M1)
+    meta_judgements: Optional[int] = None  # meta-judge bootstrap examples; None = 1500 with the meta-judge, else 0
     answer_target: float = 0.4  # the answer phase stops at this greedy accuracy on held-out dev questions
     answer_steps: int = 600  # the answer phase's most steps
     device: str = "cpu"  # where the bootstrap runs: cpu | cuda (a different M1, as good; its own cache entry)
@@ -407,6 +407,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.path={cfg.model.path!r} is not a Hugging Face checkpoint directory (no config.json)")
     if cfg.model.path is not None and cfg.data.train_file is None:
         raise ConfigError("data.train_file is required with model.path (the toy data only fits the toy model)")
+    if cfg.model.path is None:
+        _validate_toy(cfg)
+
+
+def _validate_toy(cfg: Config) -> None:
+    t = cfg.model.toy
+    if not 0.0 <= t.answer_target <= 1.0:
+        raise ConfigError(f"model.toy.answer_target={t.answer_target} is a greedy accuracy: between 0 and 1")
+    if t.answer_steps < 1:
+        raise ConfigError(f"model.toy.answer_steps={t.answer_steps}: the answer phase needs at least one step")
+    if cfg.algorithm.use_meta_judge and t.meta_judgements is not None and t.meta_judgements < 1:
+        raise ConfigError("model.toy.meta_judgements=0 leaves the toy model without a meta-judge, which "
+                          "Meta-Rewarding (algorithm.use_meta_judge=true) asks it to be")
 
 
 def _validate_engine(cfg: Config) -> None:

@@ -40,6 +40,7 @@ from .stopping import StopRequested, Stopper
 from .report import format_table
 
 COMPLETE_MARKER = "run_complete.json"
+TOY_META_JUDGEMENTS = 1500  # meta-judge bootstrap examples when the meta-judge is on
 
 
 @dataclass
@@ -298,7 +299,7 @@ def _resolve_model(cfg: Config, log):
     t = cfg.model.toy
     recipe = toy_world.ToyRecipe(seed=cfg.seed if t.seed is None else t.seed, max_operand=t.max_operand,
                                  train_prompts=t.train_prompts, val_prompts=t.val_prompts, bootstrap_steps=t.bootstrap_steps,
-                                 bootstrap_lr=t.bootstrap_lr, meta_judgements=t.meta_judgements,
+                                 bootstrap_lr=t.bootstrap_lr, meta_judgements=_toy_meta_judgements(cfg),
                                  answer_target=t.answer_target, answer_steps=t.answer_steps, device=t.device)
     toy = toy_world.prepare(recipe, t.cache_dir, log)
     log(f"[toy] M1 at {toy.model_dir}: answer accuracy {toy.report['answer_accuracy']:.1%}, judge parse rate "
@@ -313,6 +314,12 @@ def _resolve_model(cfg: Config, log):
                             score_range=(j.score_low, j.score_high))
 
     return toy.model_dir, (toy.train_file, toy.val_file), evaluator, toy.report
+
+
+def _toy_meta_judgements(cfg: Config) -> int:
+    if cfg.model.toy.meta_judgements is not None:
+        return cfg.model.toy.meta_judgements
+    return TOY_META_JUDGEMENTS if cfg.algorithm.use_meta_judge else 0
 
 
 def _engine_specs(cfg: Config, weights: _Weights) -> tuple[EngineSpec, EngineSpec]:

@@ -32,7 +32,7 @@ def toy_cache(tmp_path_factory):
 
 # A small toy world for tests (with some meta-judge examples): trains in a few minutes on 2 cores.
 TOY_TEST_OVERRIDES = ["model.toy.train_prompts=96", "model.toy.val_prompts=32", "model.toy.bootstrap_steps=250",
-                      "model.toy.meta_judgements=400"]
+                      "model.toy.meta_judgements=400", "model.toy.answer_steps=100"]
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,9 @@ def test_semantic_checks_name_the_key():
         (["data.on_bad_line=ignore"], "data.on_bad_line"),
         (["logger.wandb.mode=loud"], "logger.wandb.mode"),
         (["cluster.learner.workers=0"], "cluster.learner.workers"),
+        (["model.toy.answer_target=40"], "model.toy.answer_target"),
+        (["model.toy.answer_steps=0"], "model.toy.answer_steps"),
+        (["algorithm=meta_rewarding", "model.toy.meta_judgements=0"], "model.toy.meta_judgements"),
     ]:
         try:
             load_config(overrides)

@@ -266,6 +266,7 @@ def test_sweep_of_two_toy_seeds(toy_cache, tmp_path):
     clusters), then a rerun that finds everything done."""
     out = tmp_path / "sweep"
     tiny = [*TOY_TEST_OVERRIDES, "model.toy.bootstrap_steps=30", "model.toy.meta_judgements=0",
+            "model.toy.answer_steps=20",
             "algorithm.max_iterations=1", "algorithm.limit_train_batches=2", "algorithm.global_batch_size=8",
             "algorithm.micro_batch_size=4", "logger.wandb.mode=disabled"]
     cmd = [sys.executable, "-m", "orchestration.sweep", "seeds=2", "algorithms=self_rewarding", f"output_dir={out}",

@@ -92,6 +92,30 @@ def test_every_flaw_gives_a_judgement_that_differs_from_the_right_one():
     assert all(n > 50 for n in seen.values()), seen
 
 
+def test_the_meta_judge_checks_each_judgements_sum_against_its_own():
+    p = task.Problem(47, 38, 0)
+    right = task.without_score(task.judgement_text(p, "84"))
+    wrong = task.without_score(task.judgement_text(task.Problem(46, 38, 0), "84"))  # a misread operand: Sum 84
+    assert task.judged_sum(right) == "85" and task.judged_sum(wrong) == "84" and task.judged_sum("no sum") == "?"
+    text = task.meta_judgement_text(p, "B", wrong, right)
+    assert text.splitlines()[-4:] == ["Sum: 85", "A: 84 vs 85 no", "B: 85 vs 85 yes", "Winner: Judgement B"]
+    prompt, answer = world._meta_example(random.Random(1), 49)
+    assert answer.endswith(("Winner: Judgement A", "Winner: Judgement B")) and "Judgement A:" in prompt
+
+
+def test_the_answer_phase_stops_at_the_target_and_says_when_it_cannot(tmp_path):
+    tiny = dict(train_prompts=8, val_prompts=8, bootstrap_answers=32, bootstrap_judgements=32, meta_judgements=8,
+                bootstrap_steps=2, bootstrap_batch=8, answer_steps=2 * world.ANSWER_CHECK_EVERY + 3,
+                hidden_size=32, layers=1, heads=2, kv_heads=1)
+    at_once = world.prepare(world.ToyRecipe(answer_target=0.0, **tiny), tmp_path, log=lambda *_: None).report
+    assert at_once["answer_phase_steps"] == world.ANSWER_CHECK_EVERY and at_once["dev_answer_accuracy"] >= 0.0
+    lines = []
+    never = world.prepare(world.ToyRecipe(answer_target=1.01, **tiny), tmp_path, log=lines.append).report
+    assert never["answer_phase_steps"] == tiny["answer_steps"] and never["dev_answer_accuracy"] is None
+    assert any("WARNING" in line and "without reaching 101%" in line for line in lines)
+    assert "meta_judge_accuracy" in never  # a world with meta-judge examples reports its meta-judge
+
+
 def test_a_slip_in_a_column_carries_into_the_sum():
     rng = random.Random(0)
     for _ in range(50):
@@ -112,7 +136,8 @@ _BUILD = """
 import hashlib, sys
 from orchestration.toy import world
 recipe = world.ToyRecipe(seed=5, train_prompts=16, val_prompts=16, bootstrap_answers=64, bootstrap_judgements=128,
-                         bootstrap_steps=12, bootstrap_batch=16, hidden_size=64, layers=2)
+                         bootstrap_steps=12, bootstrap_batch=16, hidden_size=64, layers=2, meta_judgements=64,
+                         answer_steps=12, answer_target=0.5)
 toy = world.prepare(recipe, sys.argv[1], log=lambda *_: None)
 print(hashlib.sha256((toy.model_dir / "model.safetensors").read_bytes()).hexdigest())
 print(hashlib.sha256((toy.model_dir / "tokenizer.json").read_bytes()).hexdigest())
