@@ -78,7 +78,13 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     checkpoints = Checkpoints(out, cfg.checkpoint.keep_last)
     resume = _resume_point(cfg, out, checkpoints, log)
     # SPIN's chosen responses and first_iteration_sft's targets are the dataset's answers.
-    setup = _prepare(cfg, log, require_answer=cfg.algorithm.name == "spin" or cfg.algorithm.first_iteration_sft)
+    try:
+        setup = _prepare(cfg, log, require_answer=cfg.algorithm.name == "spin" or cfg.algorithm.first_iteration_sft,
+                         stop=stopper.requested)
+    except StopRequested as e:  # only the toy bootstrap asks: it left nothing behind
+        log(f"[run] stopped cleanly ({e.reason}); the toy world was not cached. Run the same command again to "
+            "build it from the start.")
+        return RunResult(out, [], [], out / "metrics.jsonl", time.perf_counter() - start, stopped=e.reason)
     if cfg.learner.backend == "megatron":  # before Ray and wandb start: a bad layout leaves nothing behind
         _check_megatron_layout(str(resume.path) if resume else str(setup.model_dir), cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -239,11 +245,11 @@ class _Setup:
     renderer: ChatRenderer
 
 
-def _prepare(cfg: Config, log, *, require_answer: bool) -> _Setup:
+def _prepare(cfg: Config, log, *, require_answer: bool, stop=None) -> _Setup:
     """Data, model and tokenizer. The user's data is read first: a broken file fails before a model is built."""
     train = _open(cfg.data.train_file, cfg, require_answer=require_answer, log=log)
     val = _open(cfg.data.val_file, cfg, require_answer=True, log=log)
-    model_dir, toy_files, evaluator_factory, toy_report = _resolve_model(cfg, log)
+    model_dir, toy_files, evaluator_factory, toy_report = _resolve_model(cfg, log, stop)
     if train is None:
         train = _open(toy_files[0], cfg, require_answer=require_answer, log=log)
     if val is None and toy_files:
@@ -286,7 +292,7 @@ def _open(path, cfg: Config, *, require_answer: bool, log) -> JsonlDataset | Non
     return ds
 
 
-def _resolve_model(cfg: Config, log):
+def _resolve_model(cfg: Config, log, stop=None):
     """(model dir, toy (train, val) files or (), evaluator factory or None, toy bootstrap report or None)."""
     if cfg.model.path is not None:
         if cfg.model.name == "toy":
@@ -301,7 +307,7 @@ def _resolve_model(cfg: Config, log):
                                  train_prompts=t.train_prompts, val_prompts=t.val_prompts, bootstrap_steps=t.bootstrap_steps,
                                  bootstrap_lr=t.bootstrap_lr, meta_judgements=_toy_meta_judgements(cfg),
                                  answer_target=t.answer_target, answer_steps=t.answer_steps, device=t.device)
-    toy = toy_world.prepare(recipe, t.cache_dir, log)
+    toy = toy_world.prepare(recipe, t.cache_dir, log, stop)
     log(f"[toy] M1 at {toy.model_dir}: answer accuracy {toy.report['answer_accuracy']:.1%}, judge parse rate "
         f"{toy.report['judge_parse_rate']:.1%}, judge accuracy {toy.report['judge_accuracy']:.1%}")
 

@@ -116,6 +116,22 @@ def test_the_answer_phase_stops_at_the_target_and_says_when_it_cannot(tmp_path):
     assert "meta_judge_accuracy" in never  # a world with meta-judge examples reports its meta-judge
 
 
+def test_a_stop_during_the_bootstrap_leaves_nothing_in_the_cache(tmp_path):
+    from orchestration.stopping import StopRequested
+
+    asked = []
+    recipe = world.ToyRecipe(train_prompts=8, val_prompts=8, bootstrap_answers=16, bootstrap_judgements=16,
+                             bootstrap_steps=50, bootstrap_batch=4, hidden_size=32, layers=1, heads=2, kv_heads=1)
+
+    def stop():
+        asked.append(1)
+        return "SIGTERM received" if len(asked) > 3 else None
+
+    with pytest.raises(StopRequested, match="SIGTERM received during the toy bootstrap"):
+        world.prepare(recipe, tmp_path, log=lambda *_: None, stop=stop)
+    assert len(asked) == 4 and list((tmp_path / "toy").iterdir()) == []
+
+
 def test_a_slip_in_a_column_carries_into_the_sum():
     rng = random.Random(0)
     for _ in range(50):

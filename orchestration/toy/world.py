@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..stopping import StopRequested
 from . import task
 
 # Bump when the code that builds the toy world changes what it produces.
@@ -93,14 +94,21 @@ def judge_prompt(question: str, response: str) -> str:
     return task.JUDGE_TEMPLATE.format(prompt=question, response=response)
 
 
-def prepare(recipe: ToyRecipe, cache_dir: str | os.PathLike, log=print) -> ToyWorld:
-    """Return the cached toy world for `recipe`, building it first if needed."""
+def prepare(recipe: ToyRecipe, cache_dir: str | os.PathLike, log=print, stop=None) -> ToyWorld:
+    """Return the cached toy world for `recipe`, building it first if needed.
+
+    `stop()` is asked at every bootstrap step; a reason (a string) ends the build with StopRequested and
+    leaves nothing in the cache."""
     root = Path(cache_dir).expanduser() / "toy" / recipe.digest()
     if not (root / "report.json").exists():
         tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         log(f"[toy] building the toy world in {root} (cached for later runs)")
-        _build(recipe, tmp, log)
+        try:
+            _build(recipe, tmp, log, stop)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         root.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, root)
@@ -142,7 +150,7 @@ def _data(recipe: ToyRecipe) -> _Data:
     return _Data(answers, judgements, train, val, dev)
 
 
-def _build(recipe: ToyRecipe, root: Path, log) -> None:
+def _build(recipe: ToyRecipe, root: Path, log, stop=None) -> None:
     """M0 -> M1 in two phases: judge and meta-judge examples, then answers (with replay) until answer_target."""
     root.mkdir(parents=True)
     data = _data(recipe)
@@ -155,7 +163,7 @@ def _build(recipe: ToyRecipe, root: Path, log) -> None:
     save_initial_model(tokenizer, recipe, model_dir)
     t0 = time.time()
     _bootstrap_sft(model_dir, tokenizer, data.judgements + metas, recipe, "[toy] bootstrap M0 -> M1, judge phase",
-                   recipe.bootstrap_steps, recipe.bootstrap_batch, recipe.bootstrap_lr)
+                   recipe.bootstrap_steps, recipe.bootstrap_batch, recipe.bootstrap_lr, stop=stop)
     # The answer examples, with as many judge examples and half as many meta-judge ones replayed.
     mix = data.answers + rng.sample(data.judgements, min(len(data.judgements), len(data.answers)))
     mix += rng.sample(metas, min(len(metas), len(data.answers) // 2))
@@ -167,7 +175,7 @@ def _build(recipe: ToyRecipe, root: Path, log) -> None:
 
     steps, dev_accuracy = _bootstrap_sft(model_dir, tokenizer, mix, recipe, "[toy] bootstrap M0 -> M1, answer phase",
                                          recipe.answer_steps, recipe.bootstrap_batch, recipe.bootstrap_lr / 3,
-                                         until=reached_target)
+                                         until=reached_target, stop=stop)
     if dev_accuracy is None:
         log(f"[toy] WARNING: the answer phase ran all {steps} steps without reaching {recipe.answer_target:.0%} "
             "greedy accuracy on the dev questions; M1 answers fewer questions than the recipe intends")
@@ -243,7 +251,7 @@ def save_initial_model(tokenizer, recipe: ToyRecipe, model_dir: Path) -> None:
 
 
 def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], recipe: ToyRecipe, desc: str,
-                   steps: int, batch_size: int, lr: float, until=None) -> tuple[int, float | None]:
+                   steps: int, batch_size: int, lr: float, until=None, stop=None) -> tuple[int, float | None]:
     """Supervised training of the checkpoint in `model_dir` in this process, saved back there.
 
     `until(module)` is asked every ANSWER_CHECK_EVERY steps; a non-None answer stops training early. Returns
@@ -272,6 +280,11 @@ def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], rec
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1.0)
     done, stopped = 0, None
     for _ in bar:
+        reason = stop() if stop is not None else None
+        if reason:
+            bar.close()
+            torch.set_num_threads(threads)
+            raise StopRequested(f"{reason} during the toy bootstrap")
         if len(order) < batch_size:
             order += rng.sample(range(len(samples)), len(samples))
         batch = [samples[order.pop()] for _ in range(batch_size)]
