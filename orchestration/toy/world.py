@@ -21,7 +21,7 @@ from ..stopping import StopRequested
 from . import task
 
 # Bump when the code that builds the toy world changes what it produces.
-TOY_WORLD_VERSION = 9
+TOY_WORLD_VERSION = 10
 # The bootstrap and its evaluation always use this many CPU threads: torch splits reductions by thread
 # count, so os.cpu_count() threads made M1 differ from one machine to the next in its last bits, and a
 # different M1 after 600 steps.
@@ -53,7 +53,10 @@ class ToyRecipe:
     # depending on the seed (whether the tiny model generalised addition), and a seed at either end had
     # nothing to gain; the stop puts every seed's M1 in the same band.
     bootstrap_answers: int = 600  # instruction examples (question -> answer)
-    bootstrap_judgements: int = 3000  # judge-format examples (judge prompt -> judgement)
+    # judge-format examples (judge prompt -> judgement). 6000, not 3000: with 3000 the judge phase's 600 steps
+    # were 13 epochs, and one CPU world's judge scored only 56% of its own answers right (M1: 82% of the
+    # probes), so Self-Rewarding trained on wrong pairs and lost 10 points.
+    bootstrap_judgements: int = 6000
     answer_target: float = 0.4  # the answer phase stops at this greedy dev accuracy
     answer_steps: int = 600  # the answer phase's most steps (it stops earlier on reaching answer_target)
     # Meta-judge examples (two judgements -> which is right), learned in the judge phase; Meta-Rewarding's
