@@ -24,7 +24,7 @@ def test_judge_pool_with_collective_refit_runs_two_iterations(algorithm, replica
     cfg = load_config([
         f"algorithm={algorithm}", f"output_dir={tmp_path}", f"model.toy.cache_dir={toy_cache}",
         "logger.wandb.mode=disabled", *TOY_TEST_OVERRIDES,
-        "cluster.refit_transport=gloo", "algorithm.max_iterations=2", "algorithm.limit_train_batches=2",
+        "cluster.refit_transport=gloo", "algorithm.max_iterations=2", "algorithm.limit_train_batches=4",
         "algorithm.global_batch_size=8", "algorithm.micro_batch_size=4",
         *[f"cluster.{pool}.{key}" for pool in ("generators", "judges")
           for key in (f"replicas={replicas}", "num_cpus=0.5")], "cluster.learner.num_cpus=0.5",
