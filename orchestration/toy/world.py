@@ -60,7 +60,7 @@ class ToyRecipe:
     answer_target: float = 0.4  # the answer phase stops at this greedy dev accuracy
     answer_steps: int = 600  # the answer phase's most steps (it stops earlier on reaching answer_target)
     # Meta-judge examples (two judgements -> which is right), learned in the judge phase; Meta-Rewarding's
-    # worlds only (they make the judge phase 2.5x slower on CPU, and Self-Rewarding never meta-judges).
+    # worlds only (they make the judge phase about twice as slow on CPU, and Self-Rewarding never meta-judges).
     meta_judgements: int = 0
     vocab_size: int = 400
     hidden_size: int = 128
@@ -282,30 +282,31 @@ def _bootstrap_sft(model_dir: Path, tokenizer, pairs: list[tuple[str, str]], rec
     order: list[int] = []
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1.0)
     done, stopped = 0, None
-    for _ in bar:
-        reason = stop() if stop is not None else None
-        if reason:
-            bar.close()
-            torch.set_num_threads(threads)
-            raise StopRequested(f"{reason} during the toy bootstrap")
-        if len(order) < batch_size:
-            order += rng.sample(range(len(samples)), len(samples))
-        batch = [samples[order.pop()] for _ in range(batch_size)]
-        metrics = backend.train_step(batch, loss_cfg)
-        done += 1
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-        if until is not None and done % ANSWER_CHECK_EVERY == 0:
-            stopped = until(backend.module)
-            if stopped is not None:
-                break
-    bar.close()
-    backend.module.save_pretrained(model_dir, safe_serialization=True)
-    torch.set_num_threads(threads)
+    try:
+        for _ in bar:
+            reason = stop() if stop is not None else None
+            if reason:
+                raise StopRequested(f"{reason} during the toy bootstrap")
+            if len(order) < batch_size:
+                order += rng.sample(range(len(samples)), len(samples))
+            batch = [samples[order.pop()] for _ in range(batch_size)]
+            metrics = backend.train_step(batch, loss_cfg)
+            done += 1
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if until is not None and done % ANSWER_CHECK_EVERY == 0:
+                stopped = until(backend.module)
+                if stopped is not None:
+                    break
+        backend.module.save_pretrained(model_dir, safe_serialization=True)
+    finally:
+        bar.close()
+        torch.set_num_threads(threads)
     return done, stopped
 
 
 def _greedy_accuracy(module, tokenizer, prompts: list[list[int]], problems: list[task.Problem]) -> float:
-    """Greedy answer accuracy of a model being trained (left-padded batch, 8 new tokens, as evaluate_m1)."""
+    """Greedy answer accuracy of a model being trained (left-padded batch, 8 new tokens, as evaluate_m1), on the
+    module in memory: evaluate_m1's engine would need the checkpoint written to disk at every check."""
     import torch
 
     device = next(module.parameters()).device
