@@ -26,6 +26,9 @@ class JudgeActor(EngineHost):
     def can_meta_judge(self) -> bool:
         return self.llm.can_meta_judge
 
+    def vocab_digest(self) -> str:
+        return self.llm.vocab_digest()
+
     def judge(self, items: Sequence[JudgeItem]) -> JudgeBatch:
         return self.llm.judge(items)
 

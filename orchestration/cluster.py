@@ -311,6 +311,7 @@ class JudgePoolSpec:
     backend: str
     judge: JudgeSpec
     engine: EngineSpec | None = None
+    backend_args: tuple = ()  # what a backend without a local engine takes after the JudgeSpec (triton: TritonSpec)
 
 
 def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoolSpec | None = None,
@@ -337,7 +338,7 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoo
     judge_actors, judge_version, follows = [], gen_engine.weight_version, True
     if judges is not None:
         entry = judge_backend(judges.backend)
-        args = (judges.engine, judges.judge) if entry.local_engine else (judges.judge,)
+        args = (judges.engine, judges.judge) if entry.local_engine else (judges.judge, *judges.backend_args)
         judge_actors = replicas(entry.actor_class(), cluster.judges, "cluster.judges", *args)
         follows = entry.follows_policy
         judge_version = judges.engine.weight_version if judges.engine is not None else 0

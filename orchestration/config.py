@@ -87,6 +87,30 @@ class JudgeSamplingConfig:
 
 
 @dataclass
+class JudgeModelConfig:
+    """judge.backend=model: a fixed judge checkpoint in its own pool (cluster.judges), never refit."""
+
+    path: Optional[str] = None  # a Hugging Face checkpoint directory (with model=toy: the toy world's M1, logged)
+    chat_template: Optional[str] = None  # None = the judge tokenizer's own; nemo | llama3 | a Jinja string
+    dtype: Optional[str] = None  # None = model.dtype
+    max_seq_len: Optional[int] = None  # the judge engine's context; None = model.max_seq_len, else the judge's own
+
+
+@dataclass
+class JudgeTritonConfig:
+    """judge.backend=triton: a judge served by `python -m actors.serve_judge`, reached with tritonclient."""
+
+    url: str = "127.0.0.1:8000"  # host:port of the server's HTTP (protocol=http) or gRPC (protocol=grpc) port
+    protocol: str = "http"  # http | grpc
+    model_name: str = "judge"  # serve_judge's model_name
+    timeout_s: float = 120.0  # one request (a batch of judgements) may take this long
+    retries: int = 3  # tries after the first per request (malformed reply, timeout, no server), then stop
+    retry_backoff_s: float = 1.0  # wait before retry r: retry_backoff_s * 2**(r-1)
+    concurrency: int = 4  # requests in flight per judge replica (cluster.judges.replicas)
+    chat_template: Optional[str] = None  # None = the served tokenizer's own; nemo | llama3 | a Jinja string
+
+
+@dataclass
 class JudgeConfig:
     backend: str = "policy"  # actors/judges: who judges
     template: str = "default"  # "default" (orchestration/judge_templates.py), "toy", a file path, or the text
@@ -97,6 +121,8 @@ class JudgeConfig:
     meta_reward_regex: str = r"(?i)winner\s*:\s*judge?ment\s*([AB])\b"
     meta_max_new_tokens: Optional[int] = None  # the meta-judge's answer length; None = judge.sampling's
     sampling: JudgeSamplingConfig = field(default_factory=JudgeSamplingConfig)
+    model: JudgeModelConfig = field(default_factory=JudgeModelConfig)  # judge.backend=model
+    triton: JudgeTritonConfig = field(default_factory=JudgeTritonConfig)  # judge.backend=triton
 
 
 @dataclass
@@ -448,11 +474,48 @@ def _validate_judge(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     judge_templates.resolve("judge.template", cfg.judge.template)
+    if cfg.judge.backend == "model":
+        _validate_judge_model(cfg.judge.model)
+    if cfg.judge.backend == "triton":
+        _validate_judge_triton(cfg.judge.triton)
     if cfg.algorithm.use_meta_judge:
         if not entry.can_meta_judge:
             raise ConfigError(f"judge.backend={cfg.judge.backend} cannot meta-judge, which algorithm.use_meta_judge="
                               "true (Meta-Rewarding) needs")
         judge_templates.resolve("judge.meta_template", cfg.judge.meta_template)
+
+
+def _validate_judge_model(m: JudgeModelConfig) -> None:
+    if m.path is None:
+        raise ConfigError("judge.backend=model needs judge.model.path, a Hugging Face checkpoint directory (with "
+                          "model=toy, the toy world's M1: its directory is logged as '[toy] M1 at ...')")
+    if not (Path(m.path).expanduser() / "config.json").is_file():
+        raise ConfigError(f"judge.model.path={m.path!r} is not a Hugging Face checkpoint directory (no config.json)")
+    if m.dtype is not None and m.dtype not in CHOICES["model.dtype"]:
+        raise ConfigError(f"judge.model.dtype={m.dtype!r} is not one of: {', '.join(CHOICES['model.dtype'])}")
+    if m.max_seq_len is not None and m.max_seq_len < 2:
+        raise ConfigError(f"judge.model.max_seq_len={m.max_seq_len} leaves no room for a prompt and a judgement")
+    _check_chat_template("judge.model.chat_template", m.chat_template)
+
+
+def _validate_judge_triton(t: JudgeTritonConfig) -> None:
+    from actors.judges.triton import TritonSpec
+
+    try:
+        TritonSpec(url=t.url, protocol=t.protocol, model_name=t.model_name, timeout_s=t.timeout_s,
+                   retries=t.retries, retry_backoff_s=t.retry_backoff_s, concurrency=t.concurrency)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_chat_template("judge.triton.chat_template", t.chat_template)
+
+
+def _check_chat_template(key: str, value: Optional[str]) -> None:
+    """A preset name or a Jinja string (a bare word that is neither is a typo)."""
+    from .chat import PRESETS
+
+    if value is not None and value not in PRESETS and "{{" not in value and "{%" not in value:
+        raise ConfigError(f"{key}={value!r} is not a chat template preset ({', '.join(sorted(PRESETS))}) or a "
+                          "Jinja template string")
 
 
 def _validate_learner_layout(learner: LearnerConfig, workers: int) -> int:

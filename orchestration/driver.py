@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -17,14 +18,16 @@ from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
 from actors.engines import EngineSpec, context_length
+from actors.judges.llm import vocab_digest
 from actors.judges.protocol import JudgeSpec
+from actors.judges.triton import TritonSpec
 from learner.group import LearnerSpec
 from learner.types import OptimConfig
 
 from .algorithms.generate import BatchGeneration, open_output, output_path, settings as generation_settings
 from .algorithms.self_rewarding import SelfRewarding
 from .algorithms.spin import Spin
-from .chat import PRESETS, ChatRenderer
+from .chat import PRESET_STOP_STRINGS, PRESETS, ChatRenderer
 from .checkpoint import Checkpoint, Checkpoints
 from . import judge_templates
 from .cluster import JudgePoolSpec, connect, start_pools
@@ -104,6 +107,8 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
         weights = _weights(setup.model_dir, resume)
         gen_engine, judges, learner = _specs(cfg, weights, setup.renderer.stop_strings)
         pools = start_pools(cfg.cluster, gen_engine, judges if judged else None, learner, log=log)
+        if judged and cfg.judge.backend in ("model", "triton"):
+            _check_fixed_judge(cfg, pools, setup.tokenizer, log)
         transport = refit_transport(cfg)
         if transport in COLLECTIVE_BACKENDS:
             use_collective(pools, transport)
@@ -143,6 +148,19 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     marker.write_text(json.dumps({"iterations": rows, "seconds": seconds}, indent=2))
     log(f"[run] finished in {seconds:.0f}s; outputs in {out}")
     return _result(out, rows, seconds)
+
+
+def _check_fixed_judge(cfg: Config, pools, policy_tokenizer, log) -> None:
+    """Log which fixed judge model scores the run. Meta-Rewarding trains the policy on the judge's own judgements
+    (judge pairs, in the judge's tokens), so there the judge must share the policy's vocabulary."""
+    where = cfg.judge.model.path if cfg.judge.backend == "model" else f"{cfg.judge.triton.protocol}://{cfg.judge.triton.url}"
+    log(f"[run] judge: {cfg.judge.backend} at {where}, fixed (never refit; its judgements' version is 'fixed')")
+    if cfg.algorithm.use_meta_judge:
+        digest = ray.get(pools.judges.call(0, "vocab_digest"))
+        if digest != vocab_digest(policy_tokenizer):
+            raise ConfigError(f"algorithm.use_meta_judge=true trains the policy on the judge's judgements, but the "
+                              f"judge at {where} (judge.backend={cfg.judge.backend}) has another vocabulary than "
+                              "the policy: use a judge with the policy's tokenizer, or Self-Rewarding")
 
 
 def _failure(error: Exception) -> str:
@@ -340,17 +358,39 @@ def _engine_specs(cfg: Config, weights: _Weights) -> tuple[EngineSpec, EngineSpe
                        max_batch_size=c.judges.max_batch_size))
 
 
+def _judge_backend_specs(cfg: Config, judge_engine: EngineSpec, end_of_turn: tuple[str, ...]):
+    """(judge engine or None, judge chat template or None, the judge's end-of-turn stop strings, the backend's
+    own arguments) for judge.backend. The policy judges with the data's chat template; a fixed judge model
+    with its own (judge.model.chat_template, else its tokenizer's), on its own weights at version 0."""
+    j = cfg.judge
+    if j.backend not in ("model", "triton"):
+        template = cfg.data.chat_template
+        return judge_engine, PRESETS.get(template, template) if template else None, end_of_turn, ()
+    template = j.model.chat_template if j.backend == "model" else j.triton.chat_template
+    chat_template = PRESETS.get(template, template) if template else None
+    stops = PRESET_STOP_STRINGS.get(template, ()) if template else ()
+    if j.backend == "model":
+        engine = dataclasses.replace(judge_engine, model_dir=str(Path(j.model.path).expanduser().resolve()),
+                                     dtype=j.model.dtype or cfg.model.dtype, weight_version=0,
+                                     max_seq_len=j.model.max_seq_len or cfg.model.max_seq_len)
+        return engine, chat_template, stops, ()
+    t = j.triton
+    remote = TritonSpec(url=t.url, protocol=t.protocol, model_name=t.model_name, timeout_s=t.timeout_s,
+                        retries=t.retries, retry_backoff_s=t.retry_backoff_s, concurrency=t.concurrency)
+    return None, chat_template, stops, (remote,)
+
+
 def _specs(cfg: Config, weights: _Weights, end_of_turn: tuple[str, ...]):
     c = cfg.cluster
     gen_engine, judge_engine = _engine_specs(cfg, weights)
-    chat_template = PRESETS.get(cfg.data.chat_template, cfg.data.chat_template) if cfg.data.chat_template else None
+    judge_engine, chat_template, judge_stops, backend_args = _judge_backend_specs(cfg, judge_engine, end_of_turn)
     meta_template = None
     if cfg.algorithm.use_meta_judge:
         meta_template = judge_templates.resolve("judge.meta_template", cfg.judge.meta_template)
     judge = JudgeSpec(template=judge_templates.resolve("judge.template", cfg.judge.template),
                       meta_template=meta_template, meta_reward_regex=cfg.judge.meta_reward_regex,
                       meta_max_new_tokens=cfg.judge.meta_max_new_tokens,
-                      sampling=sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling), end_of_turn),
+                      sampling=sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling), judge_stops),
                       reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
                       score_high=cfg.judge.score_high, chat_template=chat_template,
                       follows_policy=judge_follows_policy(cfg))
@@ -362,7 +402,7 @@ def _specs(cfg: Config, weights: _Weights, end_of_turn: tuple[str, ...]):
                           num_cpus=c.learner.num_cpus, num_gpus=c.learner.num_gpus, dtype=cfg.learner.dtype,
                           seed=cfg.seed, backend=cfg.learner.backend, reference_dir=weights.reference,
                           resume_dir=weights.learner_state, options=_learner_options(cfg))
-    return gen_engine, JudgePoolSpec(cfg.judge.backend, judge, judge_engine), learner
+    return gen_engine, JudgePoolSpec(cfg.judge.backend, judge, judge_engine, backend_args), learner
 
 
 def _learner_options(cfg: Config) -> dict:

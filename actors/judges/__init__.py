@@ -28,6 +28,13 @@ JUDGE_BACKENDS: dict[str, JudgeBackendEntry] = {
     # M_t judges its own responses (Self-Rewarding): the judge pool is refit with the generators.
     "policy": JudgeBackendEntry("actors.judge:JudgeActor", follows_policy=True, local_engine=True,
                                 can_meta_judge=True),
+    # A fixed judge checkpoint (judge.model.path) in its own pool: never refit, FIXED in its judgements.
+    "model": JudgeBackendEntry("actors.judge:JudgeActor", follows_policy=False, local_engine=True,
+                               can_meta_judge=True),
+    # A fixed judge served by Triton (actors/serve_judge.py), reached with tritonclient (judge.triton.*). It
+    # serves generation, so it meta-judges with the same model.
+    "triton": JudgeBackendEntry("actors.judges.triton:TritonJudgeActor", follows_policy=False,
+                                local_engine=False, can_meta_judge=True),
 }
 
 

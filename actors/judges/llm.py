@@ -18,6 +18,14 @@ from .protocol import FIXED, JudgeBatch, JudgeItem, JudgeSpec, Judgement, MetaBa
 Generate = Callable[[list[GenerationRequest]], list[GenerationResult]]
 
 
+def vocab_digest(tokenizer) -> str:
+    """A fingerprint of a tokenizer's vocabulary (token -> id): equal digests read token ids alike."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+
+
 class LLMJudge:
     def __init__(self, spec: JudgeSpec, tokenizer, max_seq_len: int, generate: Generate):
         self.spec, self.tokenizer, self.max_seq_len, self.generate = spec, tokenizer, max_seq_len, generate
@@ -25,6 +33,9 @@ class LLMJudge:
     @property
     def can_meta_judge(self) -> bool:
         return self.spec.meta_template is not None
+
+    def vocab_digest(self) -> str:
+        return vocab_digest(self.tokenizer)
 
     def prompt_ids(self, prompt: str, response: str) -> list[int]:
         return self._chat_ids(fill_template(self.spec.template, prompt, response))

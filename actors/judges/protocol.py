@@ -73,6 +73,9 @@ class Judgement:
 class JudgeBatch:
     judgements: list[Judgement]  # in item order
     generated_tokens: int
+    # The backend's own counters for this call (a remote judge: requests, retries, failures, latency), summed
+    # by the orchestrator into per-backend metrics; empty for a backend with none.
+    backend_stats: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class MetaBatch:
     texts: list[str] = field(repr=False)
     generated_tokens: int = 0
     too_long: int = 0  # items whose prompt did not fit the judge's context (no verdict)
+    backend_stats: dict[str, float] = field(default_factory=dict)  # as JudgeBatch.backend_stats
 
 
 class JudgeBackend(Protocol):

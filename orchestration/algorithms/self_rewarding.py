@@ -23,6 +23,22 @@ JUDGE_ADVICE = ("try a judge that can score (another judge.backend), a shorter j
                 "it writes")
 
 
+def remote_judge_metrics(stats: dict) -> dict:
+    """judge_remote_* metrics of a remote judge (judge.backend=triton) since the last step: requests answered,
+    retries, failed tries by kind (timeouts, unavailable, malformed), calls that gave up, mean and largest
+    request latency. Empty for a judge without a remote engine."""
+    if not any(k.startswith("remote_") for k in stats):
+        return {}
+    get = lambda key: stats.get(f"remote_{key}", 0.0)  # noqa: E731
+    out = {f"judge_remote_{key}": get(key) for key in ("requests", "retries", "timeouts", "unavailable", "malformed",
+                                                        "failed")}
+    out["judge_remote_failures"] = get("timeouts") + get("unavailable") + get("malformed")
+    if get("requests"):
+        out["judge_remote_latency_s"] = get("latency_s") / get("requests")
+        out["judge_remote_latency_max_s"] = get("latency_max_s")
+    return out
+
+
 class SelfRewarding(IterativeAlgorithm):
     def _iteration(self, summary: IterationSummary, state: dict | None) -> None:
         if summary.iteration == 0 and self.cfg.algorithm.first_iteration_sft:
@@ -170,4 +186,5 @@ class SelfRewarding(IterativeAlgorithm):
         }
         if s.valid_judgements:  # no valid judgement among the batch's prompts: no share to show
             out["judge_top_score_share"] = s.judge_top_scores / s.valid_judgements
+        out.update(remote_judge_metrics(pipeline.counters.take_backend()))
         return out
