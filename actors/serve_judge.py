@@ -13,6 +13,7 @@ no authentication. SIGINT or SIGTERM stops the server.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -150,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_args(argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("pytriton") is None:
+        print("error: the judge server needs PyTriton: pip install 'selfreward[serve]' (nvidia-pytriton, Linux)",
+              file=sys.stderr)
         return 2
     with_libpython()
     logging.basicConfig(level=logging.WARNING)
