@@ -8,7 +8,7 @@ from actors.engines import EngineSpec
 from actors.engines.protocol import SamplingParams
 from actors.generator import GeneratorActor
 from actors.judge import JudgeActor
-from actors.judges import JUDGE_BACKENDS, JudgeBackendEntry
+from actors.judges import JUDGE_BACKENDS
 from actors.judges.protocol import FIXED, JudgeItem, JudgeSpec
 from learner.group import LearnerGroup, LearnerSpec
 from learner.types import LossConfig, OptimConfig, TrainSample
@@ -46,9 +46,9 @@ def test_a_fixed_judge_is_never_refit(transport, ray_session, tiny_llama):
         pools.shutdown()
 
 
-def test_a_fixed_judges_gpus_do_not_decide_the_refit_transport(monkeypatch):
+def test_a_fixed_judges_gpus_do_not_decide_the_refit_transport(tiny_llama):
     gpus = ["cluster.generators.num_gpus=1", "cluster.learner.num_gpus=1", "cluster.judges.num_gpus=0.5"]
     assert refit_transport(load_config(gpus)) == "object_store"  # the policy judge shares a GPU: no NCCL
-    monkeypatch.setitem(JUDGE_BACKENDS, "frozen", JudgeBackendEntry("actors.judge:JudgeActor", follows_policy=False,
-                                                                    local_engine=True, can_meta_judge=True))
-    assert refit_transport(load_config([*gpus, "judge.backend=frozen"])) == "nccl"
+    assert refit_transport(load_config([*gpus, "judge.backend=model", f"judge.model.path={tiny_llama}"])) == "nccl"
+    assert refit_transport(load_config([*gpus, "judge.backend=triton"])) == "nccl"
+    assert not JUDGE_BACKENDS["model"].follows_policy and not JUDGE_BACKENDS["triton"].follows_policy

@@ -9,6 +9,7 @@ import pytest
 from actors.engines.protocol import GenerationRequest, GenerationResult, SamplingParams
 from actors.judges import triton_wire as wire
 from actors.judges.triton import RemoteJudgeFailed, TritonEngine, TritonSpec
+from actors.serve_judge import parse_args
 from orchestration.config import ConfigError, load_config
 
 SAMPLING = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=6, stop_strings=("\n\n", "END"))
@@ -128,3 +129,16 @@ def test_a_fixed_judge_model_needs_a_checkpoint(tmp_path):
         load_config(["judge.backend=model"])
     with pytest.raises(ConfigError, match=r"judge.model.path='.*' is not a Hugging Face checkpoint"):
         load_config(["judge.backend=model", f"judge.model.path={tmp_path}"])
+
+
+def test_the_server_command_checks_its_arguments(tiny_llama):
+    cfg = parse_args([f"model.path={tiny_llama}", "port=9000"])
+    assert (cfg.host, cfg.port, cfg.grpc_port, cfg.model_name) == ("127.0.0.1", 9000, 8001, "judge")  # loopback
+    for argv, message in (([], "model.path=None is not a Hugging Face checkpoint"),
+                          ([f"model.path={tiny_llama}", "hots=0.0.0.0"], "Key 'hots' not in 'ServeConfig'"),
+                          ([f"model.path={tiny_llama}", "port=abc"], "port: Value 'abc'"),
+                          ([f"model.path={tiny_llama}", "grpc_port=8000"], "must differ"),
+                          ([f"model.path={tiny_llama}", "model_name=judge_info"], "must not end with '_info'"),
+                          ([f"model.path={tiny_llama}", "8000"], "'8000' is not key=value")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(argv)
