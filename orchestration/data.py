@@ -18,7 +18,8 @@ come first.
 
 Text must be valid Unicode (a lone UTF-16 surrogate escape such as ``"\\ud800"`` is a bad line: it cannot be
 tokenised or written back as UTF-8) and metadata may nest at most ``MAX_METADATA_DEPTH`` levels (deeper values
-break pickling to Ray actors).
+break pickling to Ray actors). A line whose metadata names a verifier (``"verifier"``, ``"verifier_args"``:
+actors/verifiers) must name a known one with the arguments it needs.
 
 Prompt/answer split: the answer is the FINAL message when that message is an assistant turn, and the prompt
 is every message before it. When the final message is not an assistant turn the sample is prompt-only
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from typing import IO, Any, Iterator, Literal, Sequence
 
 import numpy as np
+
+from actors import verifiers
 
 OnBadLine = Literal["error", "skip"]
 
@@ -132,9 +135,19 @@ def parse_line(text: str, *, path: str, line: int) -> Conversation:
         if _SURROGATE_ESCAPE.search(text):
             _check_no_lone_surrogate(obj)
         _check_metadata_depth(metadata)
+        _check_verifier(metadata)
     except _BadLine as e:
         raise DataError(path, line, str(e)) from None
     return Conversation(messages=messages, metadata=metadata, source=path, line=line)
+
+
+def _check_verifier(metadata: dict[str, Any]) -> None:
+    """A line that names a verifier (actors/verifiers) must name one that exists and give it what it checks
+    against: found when the file is opened, not when the sample is first scored."""
+    try:
+        verifiers.check_metadata(metadata)
+    except ValueError as e:
+        raise _BadLine(str(e)) from None
 
 
 def _normalise(obj: Any) -> tuple[tuple[Message, ...], dict[str, Any]]:

@@ -35,6 +35,9 @@ JUDGE_BACKENDS: dict[str, JudgeBackendEntry] = {
     # serves generation, so it meta-judges with the same model.
     "triton": JudgeBackendEntry("actors.judges.triton:TritonJudgeActor", follows_policy=False,
                                 local_engine=False, can_meta_judge=True),
+    # Rule-based rewards (actors/verifiers), no model: each sample is scored by the verifier its metadata names.
+    "verifier": JudgeBackendEntry("actors.judges.verifier:VerifierJudgeActor", follows_policy=False,
+                                  local_engine=False, can_meta_judge=False),
 }
 
 

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from statistics import fmean, pvariance
-from typing import Literal, Protocol, Sequence, Union
+from typing import Any, Literal, Mapping, Protocol, Sequence, Union
 
 from actors.engines.protocol import SamplingParams
 
 FIXED = "fixed"  # the weight version of a judge that does not follow the policy
 WeightVersion = Union[int, Literal["fixed"]]
 
-DEFAULT_REWARD_REGEX = r"(?i)(?:score|points)\s*:\s*([-+]?\d+(?:\.\d+)?)"
-DEFAULT_META_REGEX = r"(?i)winner\s*:\s*judge?ment\s*([AB])\b"  # "Judgement" and "Judgment"
+# "Score:" or "Points:" and a number, as real judges write it around the required line: markdown emphasis
+# around the label or the number ("**Score:** 4", "Score: **4**"), a bracket ("Score: [4]", "<4>"), a
+# leading-dot decimal ("Score: .5") and a scale ("4/5", "4 out of 5": the named group `of` must equal
+# judge.score_high). A range ("Score: 3-4") is no score. docs/judges.md, "Parsing scores and verdicts".
+DEFAULT_REWARD_REGEX = (r"(?i)(?<![a-z0-9])(?:score|points)[*_]*\s*:[*_]*\s*[*_\[(<\"]*\s*"
+                        r"([-+]?(?:\d+(?:\.\d+)?|\.\d+))(?![\d.]*[^\S\n]*[-\u2013][^\S\n]*\d)"
+                        r"(?:\s*(?:/|out\s+of)\s*(?P<of>\d+(?:\.\d+)?))?")
+# "Winner: Judgement A" ("Judgment" too), also "Winner: [Judgement A]", "**Winner:** Judgement B" and a bare
+# letter that ends its line ("Winner: A", "Winner: **B**."), never "Winner: A judgement that ...".
+DEFAULT_META_REGEX = (r"(?im)(?<![a-z0-9])winner[*_]*\s*:[*_]*\s*[*_\[(<\"]*\s*"
+                      r"(?:judge?ment\s*(?=[AB]\b)|(?=[AB][*_\])>\".]*[^\S\n]*$))([AB])")
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,7 @@ class JudgeSpec:
     template: str  # with {prompt} and {response} slots
     sampling: SamplingParams
     reward_regex: str = DEFAULT_REWARD_REGEX
+    score_match: str = "first"  # which match of the score and verdict patterns counts: "first" | "last"
     score_low: float = 0.0
     score_high: float = 5.0
     chat_template: str | None = None  # Jinja; None = the judge tokenizer's own
@@ -43,6 +53,10 @@ class JudgeItem:
     response: str  # the response text without its end marker
     seeds: tuple[int, ...]  # one per judgement; len(seeds) = k
     last_turn: str | None = None  # the last user turn alone: the fallback when the prompt does not fit
+    # A rule-based reward (actors/verifiers): the verifier that scores this item, and the sample's metadata
+    # it reads (verifier_args). None: an LLM judge scores it (a verifier backend: no verifier applies).
+    verifier: str | None = None
+    metadata: Mapping[str, Any] | None = field(default=None, hash=False, repr=False)
 
 
 @dataclass
@@ -55,6 +69,7 @@ class Judgement:
     shortened: bool = False  # only the last user turn was shown (the whole prompt did not fit)
     trimmed: bool = False  # the response was cut from the end to fit
     too_long: bool = False  # even so it could not fit: no scores
+    verifier: str | None = None  # the verifier that scored it (k equal scores, no tokens); None: an LLM judge
 
     @property
     def valid(self) -> list[float]:
