@@ -35,11 +35,36 @@ class OutcomeStats:
     judge_pairs: int = 0  # judge pairs accepted (Meta-Rewarding)
     judge_checked: int = 0  # judgements whose score could be checked against ground truth (toy world)
     judge_correct: int = 0
+    # Per scoring source (LLM_SOURCE for the LLM judge, else the verifier's name): SOURCE_COUNTS of the responses
+    # it scored. judgements/valid_judgements above count the LLM judge's alone.
+    sources: dict = field(default_factory=dict)
 
     def __iadd__(self, other: "OutcomeStats") -> "OutcomeStats":
         for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+            if f.name != "sources":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for source, counts in other.sources.items():
+            mine = self.sources.setdefault(source, dict.fromkeys(SOURCE_COUNTS, 0))
+            for key in SOURCE_COUNTS:
+                mine[key] += counts.get(key, 0)
         return self
+
+    def count_source(self, source: str, mean: float | None, low: float, high: float) -> None:
+        """One response scored by `source`, with mean score `mean` (None: it gave none) on [low, high]."""
+        c = self.sources.setdefault(source, dict.fromkeys(SOURCE_COUNTS, 0))
+        c["responses"] += 1
+        if mean is not None:
+            c["scored"] += 1
+            c["score_sum"] += mean
+            c["score_sq"] += mean * mean
+            c["top"] += mean == high
+            c["bottom"] += mean == low
+
+
+LLM_SOURCE = "judge"  # the LLM judge among OutcomeStats.sources (the other sources are verifier names)
+# What OutcomeStats.sources counts per source: responses it was given, those it gave a score, the sum and
+# sum of squares of those scores (each response's mean), and how many sat at judge.score_high / score_low.
+SOURCE_COUNTS = ("responses", "scored", "score_sum", "score_sq", "top", "bottom")
 
 
 @dataclass

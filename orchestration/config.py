@@ -123,6 +123,9 @@ class JudgeConfig:
     sampling: JudgeSamplingConfig = field(default_factory=JudgeSamplingConfig)
     model: JudgeModelConfig = field(default_factory=JudgeModelConfig)  # judge.backend=model
     triton: JudgeTritonConfig = field(default_factory=JudgeTritonConfig)  # judge.backend=triton
+    # judge.backend=verifier: the verifier (actors/verifiers) of samples whose metadata names none; None = they
+    # get no score. A sample that names one is verifier-scored with every backend.
+    default_verifier: Optional[str] = None
 
 
 @dataclass
@@ -478,11 +481,25 @@ def _validate_judge(cfg: Config) -> None:
         _validate_judge_model(cfg.judge.model)
     if cfg.judge.backend == "triton":
         _validate_judge_triton(cfg.judge.triton)
+    _validate_default_verifier(cfg.judge)
     if cfg.algorithm.use_meta_judge:
         if not entry.can_meta_judge:
             raise ConfigError(f"judge.backend={cfg.judge.backend} cannot meta-judge, which algorithm.use_meta_judge="
                               "true (Meta-Rewarding) needs")
         judge_templates.resolve("judge.meta_template", cfg.judge.meta_template)
+
+
+def _validate_default_verifier(j: JudgeConfig) -> None:
+    from actors.verifiers import VERIFIERS
+
+    if j.default_verifier is None:
+        return
+    if j.backend != "verifier":
+        raise ConfigError(f"judge.default_verifier={j.default_verifier!r} applies to judge.backend=verifier only; with "
+                          f"judge.backend={j.backend} a sample is verifier-scored when its metadata names a verifier "
+                          "(key 'verifier'), and judged otherwise")
+    if j.default_verifier not in VERIFIERS:
+        raise ConfigError(f"judge.default_verifier={j.default_verifier!r} is not one of: {', '.join(VERIFIERS)}")
 
 
 def _validate_judge_model(m: JudgeModelConfig) -> None:

@@ -363,6 +363,8 @@ def _judge_backend_specs(cfg: Config, judge_engine: EngineSpec, end_of_turn: tup
     own arguments) for judge.backend. The policy judges with the data's chat template; a fixed judge model
     with its own (judge.model.chat_template, else its tokenizer's), on its own weights at version 0."""
     j = cfg.judge
+    if j.backend == "verifier":  # no model: nothing to load, no weights to track
+        return None, None, end_of_turn, ()
     if j.backend not in ("model", "triton"):
         template = cfg.data.chat_template
         return judge_engine, PRESETS.get(template, template) if template else None, end_of_turn, ()

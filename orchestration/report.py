@@ -18,6 +18,8 @@ COLUMNS = (
     ("pairs_trained", "pairs", "{}"),
     ("judge_pairs", "judge pairs", "{}"),
     ("judge_pair_batch_share", "jp batches", "{:.1%}"),
+    ("verified_share", "verified", "{:.1%}"),
+    ("verifier_score", "verifier score", "{:.2f}"),
     ("steps", "steps", "{}"),
     ("pairs_per_s", "pairs/s", "{:.2f}"),
     ("val_loss", "val loss", "{:.4f}"),

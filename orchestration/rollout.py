@@ -1,6 +1,10 @@
 """Streaming rollouts: prompt chunks -> generator pool -> judge pool (-> meta-judge on the judge pool)
 -> scored prompts, in prompt order.
 
+A response whose sample names a verifier (actors/verifiers) is scored by that verifier, the others by the
+judge (SPEC 4b): with an LLM judge, the verifiers run here, in the orchestrator, and only the rest go to the
+judge pool; with judge.backend=verifier the pool itself scores everything.
+
 Chunks go round-robin to replicas and run concurrently with each other and with learner steps; results
 are released strictly in submission order so the pairs (and so every batch) are the same whatever the
 number of replicas or the timing. Request seeds are derived from (seed, iteration, prompt index, sample
@@ -20,7 +24,8 @@ import ray
 from ray.exceptions import RayError
 
 from actors.engines.protocol import GenerationRequest, GenerationResult, SamplingParams
-from actors.judges.protocol import JudgeItem, Judgement, MetaItem
+from actors import verifiers
+from actors.judges.protocol import JudgeBatch, JudgeItem, Judgement, MetaItem
 
 from . import meta
 from .cluster import RECOVERABLE
@@ -91,6 +96,7 @@ class _Chunk:
     texts: list[list[str]] = field(default_factory=list)
     scored: list[ScoredPrompt] = field(default_factory=list)
     result: list[ScoredPrompt] | None = None
+    verified: dict[int, Judgement] = field(default_factory=dict)  # judged-response position -> verifier's judgement
 
     @property
     def waiting_on(self):
@@ -135,9 +141,13 @@ class RolloutPipeline:
 
     def __init__(self, generators, judges, records: Iterator[PromptRecord], *, tokenizer,
                  sampling: SamplingParams, num_responses: int, num_evals: int, chunk_size: int, seed: int,
-                 iteration: int, meta_judge: bool = False, score_regex: str | None = None):
+                 iteration: int, meta_judge: bool = False, score_regex: str | None = None,
+                 local_verifiers=None, default_verifier: str | None = None):
         """`meta_judge`: run the meta-judge on each prompt's most disputed response, its judgements shown with
-        their score lines removed by `score_regex` (the judge's judge.reward_regex)."""
+        their score lines removed by `score_regex` (the judge's judge.reward_regex). `local_verifiers` (a
+        VerifierJudge): scores the responses of verifier-named samples in this process; None: the judge pool
+        scores every response (judge.backend=verifier). `default_verifier`: the verifier of samples that name
+        none (judge.default_verifier)."""
         self.generators, self.judges = generators, judges
         self._records = records
         self.tokenizer = tokenizer
@@ -146,6 +156,7 @@ class RolloutPipeline:
         self.chunk_size = chunk_size
         self.seed, self.iteration = seed, iteration
         self.meta_judge, self.score_regex = meta_judge, score_regex
+        self.local_verifiers, self.default_verifier = local_verifiers, default_verifier
         if num_evals and not judges:
             raise ValueError("judging needs at least one judge replica")
         if meta_judge and score_regex is None:
@@ -226,7 +237,7 @@ class RolloutPipeline:
 
     def _start_judging(self, chunk: _Chunk, batch) -> None:
         self.counters.add(generator=sum(len(r.token_ids) for r in batch.results))
-        items = []
+        items, local, local_at = [], [], []
         for p, record in enumerate(chunk.records):
             responses = batch.results[p * self.n : (p + 1) * self.n]
             texts = [response_text(self.tokenizer, r) for r in responses]
@@ -235,22 +246,40 @@ class RolloutPipeline:
             if not self.k:  # no judge (SPIN): generation is the last stage
                 chunk.scored.append(ScoredPrompt(record, responses, texts, [None] * len(responses)))
                 continue
+            name = verifiers.named(record.metadata) or self.default_verifier
             for j, (resp, text) in enumerate(zip(responses, texts)):
                 if resp.finish_reason == "stop":
                     seeds = tuple(derive_seed(self.seed, self.iteration, record.index, j, e, "judge")
                                   for e in range(self.k))
-                    items.append(JudgeItem(record.user_text, text, seeds, record.last_user_text))
+                    item = JudgeItem(record.user_text, text, seeds, record.last_user_text, verifier=name,
+                                     metadata=record.metadata if name else None)
+                    if name and self.local_verifiers is not None:
+                        local_at.append(len(items) + len(local))
+                        local.append(item)
+                    else:
+                        items.append(item)
         if not self.k:
             chunk.result = chunk.scored
             return
-        self._issue(chunk, _Call("judge", self.judges, self._next_judge(), (items,)))
+        if local:
+            chunk.verified = dict(zip(local_at, self.local_verifiers.judge(local).judgements))
+        if items:
+            self._issue(chunk, _Call("judge", self.judges, self._next_judge(), (items,)))
+        else:  # every response was verifier-scored here: nothing for the judge pool
+            self._collect_judgements(chunk, JudgeBatch([], 0))
 
     def _collect_judgements(self, chunk: _Chunk, batch) -> None:
         self.counters.add(judge=batch.generated_tokens)
         self.counters.add_backend(batch.backend_stats)
-        judged = iter(batch.judgements)
+        judged, at = iter(batch.judgements), 0
         for record, responses, texts in zip(chunk.records, chunk.responses, chunk.texts):
-            judgements = [next(judged) if r.finish_reason == "stop" else None for r in responses]
+            judgements: list[Judgement | None] = []
+            for r in responses:
+                if r.finish_reason != "stop":
+                    judgements.append(None)
+                    continue
+                judgements.append(chunk.verified[at] if at in chunk.verified else next(judged))
+                at += 1
             chunk.scored.append(ScoredPrompt(record, responses, texts, judgements))
         if not self.meta_judge or not self._start_meta(chunk):
             chunk.result = chunk.scored
@@ -259,7 +288,8 @@ class RolloutPipeline:
         """Ask the judge pool to compare the judgements of each prompt's most disputed response."""
         items = []
         for p, scored in enumerate(chunk.scored):
-            scores = [j.scores if j else [] for j in scored.judgements]
+            # SPEC 4.1: responses with verifier rewards are not the meta-judge's to compare.
+            scores = [j.scores if j and j.verifier is None else [] for j in scored.judgements]
             candidate = meta.choose_candidate(scores)
             if candidate is None:
                 continue

@@ -20,9 +20,10 @@ from typing import Iterator
 import ray
 from tqdm import tqdm
 
+from actors.verifiers import NO_VERIFIER
 from learner.types import LossConfig, TrainSample
 
-from ..batching import Batch, GlobalBatcher, OutcomeStats, PromptOutcome
+from ..batching import LLM_SOURCE, Batch, GlobalBatcher, OutcomeStats, PromptOutcome
 from ..checkpoint import Checkpoint, Checkpoints
 from ..cluster import Pools, ReplicaFailed, raise_learner_failures
 from ..config import Config, limited, per_iteration, sampling_params
@@ -79,6 +80,10 @@ class IterationSummary:
 
     def row(self) -> dict:
         s = self.stats
+        # Responses scored by a verifier (a rule-based reward) rather than the LLM judge, and their mean score.
+        rules = [c for k, c in s.sources.items() if k not in (LLM_SOURCE, NO_VERIFIER)]
+        verified, verifier_scored = sum(c["responses"] for c in rules), sum(c["scored"] for c in rules)
+        verifier_sum = sum(c["score_sum"] for c in rules)
         return {
             "iteration": self.iteration,
             "task_accuracy": self.task_accuracy,
@@ -93,6 +98,8 @@ class IterationSummary:
             "bad_sample_rate": s.bad_samples / s.prompts if s.prompts else None,
             "reward_agreement": self.agreement_sum / self.agreement_steps if self.agreement_steps else None,
             "judge_pairs": s.judge_pairs if s.judgements else None,
+            "verified_share": verified / s.judged_responses if verified else None,
+            "verifier_score": verifier_sum / verifier_scored if verifier_scored else None,
             "judge_pair_batch_share": (self.judge_pair_batches / self.steps
                                        if self.judge_pair_batches is not None and self.steps else None),
             "pairs_trained": self.pairs_trained,

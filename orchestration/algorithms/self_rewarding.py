@@ -3,13 +3,16 @@ meta-judge, judges its own judgements), M_{t+1} is trained on the pairs."""
 
 from __future__ import annotations
 
+import math
 from statistics import fmean
 from typing import Callable
 
 from actors.judges.protocol import FIXED
+from actors.judges.verifier import VerifierJudge
+from actors.verifiers import NO_VERIFIER
 from learner.types import TrainSample
 
-from ..batching import Batch, OutcomeStats, PromptOutcome
+from ..batching import LLM_SOURCE, Batch, OutcomeStats, PromptOutcome
 from ..config import per_iteration
 from ..errors import WrongWeightVersion
 from .. import meta
@@ -21,6 +24,25 @@ PARSE_ALARM = 0.5  # warn when fewer judgements than this share give a score
 JUDGE_ADVICE = ("try a judge that can score (another judge.backend), a shorter judge.template, more "
                 "judge.sampling.max_new_tokens (the score comes last), or a judge.reward_regex that matches what "
                 "it writes")
+NO_VERIFIER_ADVICE = ("judge.backend=verifier scores only samples whose metadata names a verifier (key 'verifier'): "
+                      "name one in the data, or set judge.default_verifier")
+
+
+def source_metrics(sources: dict) -> dict:
+    """scored_by/<source>/* per scoring source (the LLM judge, each verifier): responses it was given, the share
+    it scored, and its scores' mean, spread and shares at the top and bottom of the judge's scale."""
+    out = {}
+    for source, c in sorted(sources.items()):
+        key = f"scored_by/{source}"
+        out[f"{key}/responses"] = c["responses"]
+        out[f"{key}/scored_rate"] = c["scored"] / c["responses"] if c["responses"] else 0.0
+        if c["scored"]:
+            mean = c["score_sum"] / c["scored"]
+            out[f"{key}/score_mean"] = mean
+            out[f"{key}/score_std"] = math.sqrt(max(0.0, c["score_sq"] / c["scored"] - mean * mean))
+            out[f"{key}/top_share"] = c["top"] / c["scored"]
+            out[f"{key}/bottom_share"] = c["bottom"] / c["scored"]
+    return out
 
 
 def remote_judge_metrics(stats: dict) -> dict:
@@ -63,14 +85,22 @@ class SelfRewarding(IterativeAlgorithm):
             self.pools.generators, self.pools.judges, self._records(iteration, skip), tokenizer=self.ctx.tokenizer,
             sampling=self.sampling, num_responses=a.num_responses_to_gen, num_evals=a.num_evals_to_average,
             chunk_size=a.rollout_batch_size, seed=self.cfg.seed, iteration=iteration, meta_judge=a.use_meta_judge,
-            score_regex=self.cfg.judge.reward_regex)
+            score_regex=self.cfg.judge.reward_regex, local_verifiers=self._local_verifiers(),
+            default_verifier=self.cfg.judge.default_verifier)
+
+    def _local_verifiers(self) -> VerifierJudge | None:
+        """What scores verifier-named samples here, beside an LLM judge; None when the judge pool is the verifier."""
+        if self.cfg.judge.backend == "verifier":
+            return None
+        return VerifierJudge(self.cfg.judge.score_low, self.cfg.judge.score_high)
 
     def _judgement_rows(self, scored: ScoredPrompt) -> list[list]:
         """Each judgement of the prompt's first judged response, then its meta-judgements."""
         rows = []
         for text, j in zip(scored.texts, scored.judgements):
             if j is not None:
-                rows += [["judge", scored.record.user_text, text, t, score] for t, score in zip(j.texts, j.scores)]
+                kind = "judge" if j.verifier is None else "verifier"
+                rows += [[kind, scored.record.user_text, text, t, score] for t, score in zip(j.texts, j.scores)]
                 break
         if scored.meta is not None:
             shown = scored.texts[scored.meta.response]
@@ -86,6 +116,10 @@ class SelfRewarding(IterativeAlgorithm):
                             f"{s.valid_judgements} of {s.judgements} judgements so far gave a score "
                             f"(judge.reward_regex in [judge.score_low, judge.score_high]): {JUDGE_ADVICE}. "
                             f"What the judge writes: {self.cfg.output_dir}/table_judgements.jsonl")
+        unnamed = s.sources.get(NO_VERIFIER, {}).get("responses", 0)
+        if unnamed and s.prompts >= WATCH_AFTER_PROMPTS:
+            self._warn_once(summary, "unnamed", f"[iteration {summary.iteration}] WARNING: {unnamed} responses so far "
+                            f"get no score: {NO_VERIFIER_ADVICE}")
 
     def _why_nothing_trained(self, summary: IterationSummary) -> str:
         s = summary.stats
@@ -98,6 +132,14 @@ class SelfRewarding(IterativeAlgorithm):
             why.append(f"the judge gave a score in {s.valid_judgements} of {s.judgements} judgements "
                        f"({s.valid_judgements / s.judgements:.0%}); a prompt needs two responses with different mean "
                        f"scores: {JUDGE_ADVICE}")
+        verified = {k: c for k, c in s.sources.items() if k not in (LLM_SOURCE, NO_VERIFIER)}
+        if verified:
+            what = ", ".join(f"{k} {c['responses']} (mean {c['score_sum'] / c['scored']:.2f})" if c["scored"] else
+                             f"{k} {c['responses']} (none decided)" for k, c in sorted(verified.items()))
+            why.append(f"verifiers scored responses: {what}; a prompt whose responses all pass or all fail its verifier "
+                       "gives no pair")
+        if s.sources.get(NO_VERIFIER):
+            why.append(f"{s.sources[NO_VERIFIER]['responses']} responses got no score: {NO_VERIFIER_ADVICE}")
         return "; ".join(why)
 
     def _judge_pair_cap(self) -> int:
@@ -107,11 +149,14 @@ class SelfRewarding(IterativeAlgorithm):
     def _outcomes(self, scored: ScoredPrompt, summary: IterationSummary) -> list[PromptOutcome]:
         rho = per_iteration(self.cfg.algorithm.length_control, summary.iteration)
         # Inside an iteration every response, and every judgement of a judge that follows the policy, comes
-        # from M_t; a fixed judge's judgements say so.
+        # from M_t; a fixed judge's judgements, and every verifier's, say so.
         judge_version = self.version if self.pools.judges.follows_policy else FIXED
+        judged = [j for j in scored.judgements if j and j.verifier is None]
+        verified = [j for j in scored.judgements if j and j.verifier is not None]
         versions = ({("response", r.weight_version) for r in scored.responses}
-                    | {("judgement", j.weight_version) for j in scored.judgements if j})
-        expected = {("response", self.version)} | ({("judgement", judge_version)} if any(scored.judgements) else set())
+                    | {("judgement", j.weight_version) for j in judged} | {("verifier", j.weight_version) for j in verified})
+        expected = ({("response", self.version)} | ({("judgement", judge_version)} if judged else set())
+                    | ({("verifier", FIXED)} if verified else set()))
         if versions != expected:
             raise WrongWeightVersion(f"prompt {scored.record.index} was served by weight versions "
                                      f"{sorted(versions, key=str)}, expected {sorted(expected, key=str)}")
@@ -126,6 +171,9 @@ class SelfRewarding(IterativeAlgorithm):
             if j is None:
                 continue
             stats.judged_responses += 1
+            stats.count_source(j.verifier or LLM_SOURCE, j.mean, self.cfg.judge.score_low, self.cfg.judge.score_high)
+            if j.verifier is not None:  # a rule's reward: none of the LLM judge's counts below
+                continue
             stats.judge_shortened += j.shortened
             stats.judge_trimmed += j.trimmed
             stats.judge_too_long += j.too_long
@@ -170,12 +218,13 @@ class SelfRewarding(IterativeAlgorithm):
     def _step_metrics(self, batch: Batch, pipeline: RolloutPipeline) -> dict:
         s = batch.stats
         samples = [o.sample for o in batch.outcomes]  # actor pairs: their judge scores are the generated rewards
+        llm_judged = max(1, s.sources.get(LLM_SOURCE, {}).get("responses", 0))
         out = {
             "bad_samples_per_GBS": s.bad_samples / s.prompts,
             "judge_parse_rate": s.valid_judgements / s.judgements if s.judgements else 0.0,
-            "judge_prompts_shortened": s.judge_shortened / max(1, s.judged_responses),
-            "judge_responses_trimmed": s.judge_trimmed / max(1, s.judged_responses),
-            "judge_too_long": s.judge_too_long / max(1, s.judged_responses),
+            "judge_prompts_shortened": s.judge_shortened / llm_judged,
+            "judge_responses_trimmed": s.judge_trimmed / llm_judged,
+            "judge_too_long": s.judge_too_long / llm_judged,
             "meta_pairs_per_GBS": len(batch.judge_samples) / len(batch.samples),
             "meta_comparisons": s.meta_verdicts,
             "meta_judge_parse_rate": s.meta_valid_verdicts / s.meta_verdicts if s.meta_verdicts else 0.0,
@@ -187,4 +236,5 @@ class SelfRewarding(IterativeAlgorithm):
         if s.valid_judgements:  # no valid judgement among the batch's prompts: no share to show
             out["judge_top_score_share"] = s.judge_top_scores / s.valid_judgements
         out.update(remote_judge_metrics(pipeline.counters.take_backend()))
+        out.update(source_metrics(s.sources))
         return out
