@@ -20,7 +20,7 @@ from ray.exceptions import RayError
 from actors.engines import EngineSpec, context_length
 from actors.judges.llm import vocab_digest
 from actors.judges.protocol import JudgeSpec
-from actors.judges.triton import TritonSpec
+from actors.judges.triton import RemoteJudgeFailed, TritonSpec, probe
 from learner.group import LearnerSpec
 from learner.types import OptimConfig
 
@@ -106,6 +106,11 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
             f"{cfg.cluster.judges.replicas if judged else 0} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
         weights = _weights(setup.model_dir, resume)
         gen_engine, judges, learner = _specs(cfg, weights, setup.renderer.stop_strings)
+        if judged and cfg.judge.backend == "triton":
+            try:  # before the pools: a remote judge that is not there stops the run with its URL, not Ray's trace
+                probe(*judges.backend_args)
+            except RemoteJudgeFailed as e:
+                raise PoolFailed(str(e)) from None
         pools = start_pools(cfg.cluster, gen_engine, judges if judged else None, learner, log=log)
         if judged and cfg.judge.backend in ("model", "triton"):
             _check_fixed_judge(cfg, pools, setup.tokenizer, log)

@@ -2,13 +2,14 @@
 one): requests and results survive the trip exactly, and nothing malformed in a reply gets through."""
 
 import json
+import socket
 
 import numpy as np
 import pytest
 
 from actors.engines.protocol import GenerationRequest, GenerationResult, SamplingParams
 from actors.judges import triton_wire as wire
-from actors.judges.triton import RemoteJudgeFailed, TritonEngine, TritonSpec
+from actors.judges.triton import RemoteJudgeFailed, TritonEngine, TritonSpec, probe
 from actors.serve_judge import parse_args
 from orchestration.config import ConfigError, load_config
 
@@ -142,3 +143,13 @@ def test_the_server_command_checks_its_arguments(tiny_llama):
                           ([f"model.path={tiny_llama}", "8000"], "'8000' is not key=value")):
         with pytest.raises(ValueError, match=message):
             parse_args(argv)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_no_server_at_the_url_fails_before_the_run_starts_naming_it(protocol):
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RemoteJudgeFailed, match=rf"{protocol}://127.0.0.1:{port} \(model 'judge'\) failed 2 times "
+                                                 "asking for the served model's info"):
+        probe(TritonSpec(url=f"127.0.0.1:{port}", protocol=protocol, retries=1, retry_backoff_s=0.01, timeout_s=5))

@@ -202,6 +202,14 @@ class TritonEngine:
         self._pool.shutdown(wait=False)
 
 
+def probe(spec: TritonSpec) -> dict:
+    """The server's info reply, asked once with the usual retries: lets a run fail before its pools start
+    when the remote judge is not there (RemoteJudgeFailed naming the URL)."""
+    engine = TritonEngine(spec)
+    engine.close()
+    return engine.info
+
+
 def served_tokenizer(info: dict):
     """The served model's tokenizer, from the files its server sent (text only: nothing is executed)."""
     from transformers import AutoTokenizer
