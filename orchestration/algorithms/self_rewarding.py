@@ -45,19 +45,21 @@ def source_metrics(sources: dict) -> dict:
     return out
 
 
-def remote_judge_metrics(stats: dict) -> dict:
-    """judge_remote_* metrics of a remote judge (judge.backend=triton) since the last step: requests answered,
-    retries, failed tries by kind (timeouts, unavailable, malformed), calls that gave up, mean and largest
-    request latency. Empty for a judge without a remote engine."""
+def remote_judge_metrics(backend: str, stats: dict) -> dict:
+    """A remote judge's transport metrics since the last step, beside the judge's own (judge/<backend>/...):
+    requests answered, retries, failed tries by kind (timeouts, unavailable, malformed) and in all
+    (failures), requests that used up their retries (failed_requests), and the mean and largest latency of
+    one request to the server. Empty for a judge without a remote engine (judge.backend=triton has one)."""
     if not any(k.startswith("remote_") for k in stats):
         return {}
     get = lambda key: stats.get(f"remote_{key}", 0.0)  # noqa: E731
-    out = {f"judge_remote_{key}": get(key) for key in ("requests", "retries", "timeouts", "unavailable", "malformed",
-                                                        "failed")}
-    out["judge_remote_failures"] = get("timeouts") + get("unavailable") + get("malformed")
+    out = {f"judge/{backend}/{key}": get(key) for key in ("requests", "retries", "timeouts", "unavailable",
+                                                          "malformed")}
+    out[f"judge/{backend}/failures"] = get("timeouts") + get("unavailable") + get("malformed")
+    out[f"judge/{backend}/failed_requests"] = get("failed")
     if get("requests"):
-        out["judge_remote_latency_s"] = get("latency_s") / get("requests")
-        out["judge_remote_latency_max_s"] = get("latency_max_s")
+        out[f"judge/{backend}/request_latency_s"] = get("latency_s") / get("requests")
+        out[f"judge/{backend}/request_latency_max_s"] = get("latency_max_s")
     return out
 
 
@@ -235,6 +237,6 @@ class SelfRewarding(IterativeAlgorithm):
         }
         if s.valid_judgements:  # no valid judgement among the batch's prompts: no share to show
             out["judge_top_score_share"] = s.judge_top_scores / s.valid_judgements
-        out.update(remote_judge_metrics(pipeline.counters.take_backend()))
+        out.update(remote_judge_metrics(self.cfg.judge.backend, pipeline.counters.take_backend()))
         out.update(source_metrics(s.sources))
         return out
