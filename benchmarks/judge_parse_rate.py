@@ -4,12 +4,13 @@ The product's default judge (orchestration/judge_templates.py DEFAULT_TEMPLATE, 
 template, the judge sampling of the default configuration: algorithm.sampling's temperature 0.7, top-p 0.9,
 256 new tokens) judges a fixed set of prompt/response pairs, k times each with fixed seeds, on the torch
 engine. Every judgement is then parsed with each pattern set (the reference's pattern, this project's
-default) and each `judge.score_match` (first, last). Prints one table: parse rate, mean score and the
+default, the bare number of the README's SmolLM2 recipe) and each `judge.score_match` (first, last). Prints one table: parse rate, mean score and the
 scores' distribution per row, how often first and last disagree; then a few judgements as written.
 
     python benchmarks/judge_parse_rate.py                      # builds SmolLM2 under ~/.cache if missing
     python benchmarks/judge_parse_rate.py --save j.jsonl       # also keep the judgements
     python benchmarks/judge_parse_rate.py --texts j.jsonl      # parse kept judgements again (no model)
+    python benchmarks/judge_parse_rate.py --template short     # the README's one-line SmolLM2 template
 
 Generation is the slow part (2 CPU cores: several minutes for 96 judgements); the parse is instant, so
 pattern changes are measured on the kept texts.
@@ -33,7 +34,12 @@ from actors.judges.protocol import DEFAULT_REWARD_REGEX  # noqa: E402
 
 # The reference's pattern (and this project's default before issue 4): "Score:" or "Points:" and a number.
 REFERENCE_REGEX = r"(?i)(?:score|points)\s*:\s*([-+]?\d+(?:\.\d+)?)"
-PATTERN_SETS = {"reference": REFERENCE_REGEX, "default": DEFAULT_REWARD_REGEX}
+# The README's SmolLM2 recipe reads a bare number (its judge writes "The answer is 4.5 out of 5.").
+BARE_NUMBER_REGEX = r"(\d+(?:\.\d+)?)"
+PATTERN_SETS = {"reference": REFERENCE_REGEX, "default": DEFAULT_REWARD_REGEX, "bare": BARE_NUMBER_REGEX}
+# The README's short template for SmolLM2 (tests/test_real_model_self_rewarding.py): one line asked for.
+SHORT_TEMPLATE = ("Rate how good this answer is, from 0 (useless) to 5 (perfect).\nQuestion: {prompt}\n"
+                  "Answer: {response}\nWrite only \"Score: \" and a number.")
 LABEL = re.compile(r"(?i)(?:score|points)\W{0,3}:")  # a "Score:" label, whatever follows it
 
 # A good and a weak response per prompt: the judge should find something to grade in both.
@@ -81,6 +87,9 @@ def generate_judgements(model_dir: str, k: int, seed: int, max_batch_size: int,
     with tempfile.TemporaryDirectory() as tmp:  # validation asks for a data file; nothing reads it
         data = Path(tmp) / "unused.jsonl"
         data.write_text('{"prompt": "unused"}\n')
+        if template == "short":
+            template = str(Path(tmp) / "short.txt")
+            Path(template).write_text(SHORT_TEMPLATE)
         cfg = load_config(["model=hf", f"model.path={model_dir}", f"data.train_file={data}",
                            f"judge.template={template}"])
     sampling = sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling))  # the tokenizer's own
@@ -125,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--max-batch-size", type=int, default=48)
     ap.add_argument("--template", default="default",
-                    help='the judge template, as judge.template takes it ("default", a file, the text)')
+                    help='the judge template: "short" (the README\'s SmolLM2 template), or as judge.template takes it '
+                         '("default", a file path)')
     ap.add_argument("--texts", help="parse these kept judgements (JSONL from --save) instead of generating")
     ap.add_argument("--save", help="write the judgements here (JSONL)")
     ap.add_argument("--samples", type=int, default=4, help="judgements to print as written")

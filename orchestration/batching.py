@@ -38,11 +38,16 @@ class OutcomeStats:
     # Per scoring source (LLM_SOURCE for the LLM judge, else the verifier's name): SOURCE_COUNTS of the responses
     # it scored. judgements/valid_judgements above count the LLM judge's alone.
     sources: dict = field(default_factory=dict)
+    # The judge backend's judgements, per judgement (orchestration/judge_metrics.py: count, valid, score sum,
+    # a histogram of the valid scores), for the judge/<backend>/ metrics.
+    judge_scores: dict = field(default_factory=dict)
 
     def __iadd__(self, other: "OutcomeStats") -> "OutcomeStats":
         for f in fields(self):
-            if f.name != "sources":
+            if f.name not in ("sources", "judge_scores"):
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for key, value in other.judge_scores.items():
+            self.judge_scores[key] = self.judge_scores.get(key, 0) + value
         for source, counts in other.sources.items():
             mine = self.sources.setdefault(source, dict.fromkeys(SOURCE_COUNTS, 0))
             for key in SOURCE_COUNTS:

@@ -15,6 +15,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from actors.judges.protocol import DEFAULT_META_REGEX, DEFAULT_REWARD_REGEX
+
 from .errors import ConfigError, one_line
 
 
@@ -114,11 +116,12 @@ class JudgeTritonConfig:
 class JudgeConfig:
     backend: str = "policy"  # actors/judges: who judges
     template: str = "default"  # "default" (orchestration/judge_templates.py), "toy", a file path, or the text
-    reward_regex: str = r"(?i)(?:score|points)\s*:\s*([-+]?\d+(?:\.\d+)?)"
+    reward_regex: str = DEFAULT_REWARD_REGEX  # the score: its first group, in [score_low, score_high]
+    score_match: str = "first"  # first | last: which match of reward_regex and meta_reward_regex counts
     score_low: float = 0.0
     score_high: float = 5.0
     meta_template: str = "default"  # the meta-judge prompt: {prompt} {response} {judgement_a} {judgement_b}
-    meta_reward_regex: str = r"(?i)winner\s*:\s*judge?ment\s*([AB])\b"
+    meta_reward_regex: str = DEFAULT_META_REGEX  # the verdict: its first group, A or B
     meta_max_new_tokens: Optional[int] = None  # the meta-judge's answer length; None = judge.sampling's
     sampling: JudgeSamplingConfig = field(default_factory=JudgeSamplingConfig)
     model: JudgeModelConfig = field(default_factory=JudgeModelConfig)  # judge.backend=model
@@ -477,6 +480,7 @@ def _validate_judge(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     judge_templates.resolve("judge.template", cfg.judge.template)
+    _validate_judge_patterns(cfg.judge)
     if cfg.judge.backend == "model":
         _validate_judge_model(cfg.judge.model)
     if cfg.judge.backend == "triton":
@@ -500,6 +504,20 @@ def _validate_default_verifier(j: JudgeConfig) -> None:
                           "(key 'verifier'), and judged otherwise")
     if j.default_verifier not in VERIFIERS:
         raise ConfigError(f"judge.default_verifier={j.default_verifier!r} is not one of: {', '.join(VERIFIERS)}")
+
+
+def _validate_judge_patterns(j: JudgeConfig) -> None:
+    """judge.score_match is first or last; the score and verdict patterns are regular expressions."""
+    from actors.judges.parsing import SCORE_MATCHES
+
+    if j.score_match not in SCORE_MATCHES:
+        raise ConfigError(f"judge.score_match={j.score_match!r} is not one of: {', '.join(SCORE_MATCHES)} (which match "
+                          "of judge.reward_regex and judge.meta_reward_regex counts)")
+    for key in ("reward_regex", "meta_reward_regex"):
+        try:
+            re.compile(getattr(j, key))
+        except re.error as e:
+            raise ConfigError(f"judge.{key}={getattr(j, key)!r} is not a regular expression: {e}") from None
 
 
 def _validate_judge_model(m: JudgeModelConfig) -> None:

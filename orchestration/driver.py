@@ -339,7 +339,7 @@ def _resolve_model(cfg: Config, log, stop=None):
         sampling = sampling_params(j.sampling.resolve(cfg.algorithm.sampling), renderer.stop_strings)
         return ToyEvaluator(renderer, JsonlDataset(toy.val_file),
                             judge_template=judge_templates.resolve("judge.template", j.template),
-                            judge_sampling=sampling, score_regex=j.reward_regex,
+                            judge_sampling=sampling, score_regex=j.reward_regex, score_match=j.score_match,
                             score_range=(j.score_low, j.score_high))
 
     return toy.model_dir, (toy.train_file, toy.val_file), evaluator, toy.report
@@ -398,8 +398,8 @@ def _specs(cfg: Config, weights: _Weights, end_of_turn: tuple[str, ...]):
                       meta_template=meta_template, meta_reward_regex=cfg.judge.meta_reward_regex,
                       meta_max_new_tokens=cfg.judge.meta_max_new_tokens,
                       sampling=sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling), judge_stops),
-                      reward_regex=cfg.judge.reward_regex, score_low=cfg.judge.score_low,
-                      score_high=cfg.judge.score_high, chat_template=chat_template,
+                      reward_regex=cfg.judge.reward_regex, score_match=cfg.judge.score_match,
+                      score_low=cfg.judge.score_low, score_high=cfg.judge.score_high, chat_template=chat_template,
                       follows_policy=judge_follows_policy(cfg))
     o = cfg.learner.optim
     optim = OptimConfig(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,

@@ -8,16 +8,19 @@ prefer the highest-Elo judgement over the lowest.
 from __future__ import annotations
 
 import itertools
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
-def strip_score(judgement: str, reward_regex: str) -> str:
-    """The judgement without its score (the meta-judge must compare reasoning, not read off the grade)."""
-    return re.sub(reward_regex, "", judgement, count=1).rstrip()
+from actors.judges import parsing
+
+
+def strip_score(judgement: str, reward_regex: str, match: str = "first") -> str:
+    """The judgement without the score text its score was read from (the meta-judge must compare reasoning,
+    not read off the grade): the match of judge.reward_regex that judge.score_match picks."""
+    return parsing.strip_score(judgement, reward_regex, match)
 
 
 def choose_candidate(scores: Sequence[Sequence[float | None]]) -> int | None:

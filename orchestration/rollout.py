@@ -30,6 +30,7 @@ from actors.judges.protocol import JudgeBatch, JudgeItem, Judgement, MetaItem
 from . import meta
 from .cluster import RECOVERABLE
 from .faults import crash_point
+from .judge_metrics import CallLatency
 
 
 def derive_seed(*parts: object) -> int:
@@ -85,6 +86,7 @@ class _Call:
     replica: int
     args: tuple
     ref: object = None
+    issued: float | None = None  # perf_counter at the first issue: the call's latency (judge_metrics)
 
 
 @dataclass
@@ -142,12 +144,12 @@ class RolloutPipeline:
     def __init__(self, generators, judges, records: Iterator[PromptRecord], *, tokenizer,
                  sampling: SamplingParams, num_responses: int, num_evals: int, chunk_size: int, seed: int,
                  iteration: int, meta_judge: bool = False, score_regex: str | None = None,
-                 local_verifiers=None, default_verifier: str | None = None):
+                 score_match: str = "first", local_verifiers=None, default_verifier: str | None = None):
         """`meta_judge`: run the meta-judge on each prompt's most disputed response, its judgements shown with
-        their score lines removed by `score_regex` (the judge's judge.reward_regex). `local_verifiers` (a
-        VerifierJudge): scores the responses of verifier-named samples in this process; None: the judge pool
-        scores every response (judge.backend=verifier). `default_verifier`: the verifier of samples that name
-        none (judge.default_verifier)."""
+        their score text removed by `score_regex` at the match `score_match` picks (judge.reward_regex,
+        judge.score_match). `local_verifiers` (a VerifierJudge): scores the responses of verifier-named
+        samples in this process; None: the judge pool scores every response (judge.backend=verifier).
+        `default_verifier`: the verifier of samples that name none (judge.default_verifier)."""
         self.generators, self.judges = generators, judges
         self._records = records
         self.tokenizer = tokenizer
@@ -155,7 +157,7 @@ class RolloutPipeline:
         self.n, self.k = num_responses, num_evals
         self.chunk_size = chunk_size
         self.seed, self.iteration = seed, iteration
-        self.meta_judge, self.score_regex = meta_judge, score_regex
+        self.meta_judge, self.score_regex, self.score_match = meta_judge, score_regex, score_match
         self.local_verifiers, self.default_verifier = local_verifiers, default_verifier
         if num_evals and not judges:
             raise ValueError("judging needs at least one judge replica")
@@ -166,6 +168,7 @@ class RolloutPipeline:
         self._judge_calls = 0
         self.released = 0  # records handed out by pop_ready (the data position a checkpoint keeps)
         self.counters = PoolCounters()
+        self.latency = {"judge": CallLatency(), "meta_judge": CallLatency()}  # per stage, since the last take
         self.started = time.perf_counter()
 
     # ---- driving -----------------------------------------------------------------------------------
@@ -213,6 +216,8 @@ class RolloutPipeline:
                 continue
             except RayError as e:  # failed in the replica's own code (out of memory, a bug): stop, say where
                 raise call.pool.call_failed(call.replica, call.stage, e) from None
+            if call.stage in self.latency:
+                self.latency[call.stage].add(time.perf_counter() - call.issued)
             {"generate": self._start_judging, "judge": self._collect_judgements,
              "meta_judge": self._collect_meta}[call.stage](chunk, value)
 
@@ -226,6 +231,8 @@ class RolloutPipeline:
 
     @staticmethod
     def _issue(chunk: _Chunk, call: _Call) -> None:
+        if call.issued is None:
+            call.issued = time.perf_counter()
         call.ref = call.pool.call(call.replica, call.stage, *call.args)
         chunk.call = call
 
@@ -303,8 +310,8 @@ class RolloutPipeline:
             for a, b in orders:
                 items.append(MetaItem(
                     r.user_text, scored.texts[candidate],
-                    meta.strip_score(texts[distinct[a]], self.score_regex),
-                    meta.strip_score(texts[distinct[b]], self.score_regex),
+                    meta.strip_score(texts[distinct[a]], self.score_regex, self.score_match),
+                    meta.strip_score(texts[distinct[b]], self.score_regex, self.score_match),
                     derive_seed(self.seed, self.iteration, r.index, candidate, a, b, "meta")))
         if not items:
             return False

@@ -112,6 +112,25 @@ def test_failure_mode_figures_per_step_per_iteration_and_in_the_table(finished_r
     assert last["final/iteration"] == 2 and last["final/task_accuracy"] == final["task_accuracy"]
 
 
+def test_judge_metrics_named_by_backend(finished_run):
+    """judge/policy/*: the same counts as judge_parse_rate, a score histogram, and the judge calls' latency."""
+    _, _, rows = finished_run
+    pref = [r for r in rows if "train/preference_loss" in r]
+    for r in pref:
+        assert r["train/judge/policy/parse_rate"] == r["train/judge_parse_rate"]
+        shares = {k: v for k, v in r.items() if k.startswith("train/judge/policy/score_share/")}
+        assert shares and sum(shares.values()) == pytest.approx(1.0)
+        assert {k.rsplit("/", 1)[1] for k in shares} <= {"0", "1", "2", "3", "4", "5"}
+        assert r["train/judge/policy/judgements"] >= 2 * 8  # k judgements per judged response, GBS prompts
+        assert 0 <= r["train/judge/policy/score_mean"] <= 5
+    timed = [r for r in pref if "train/judge/policy/latency_s" in r]
+    assert timed, "no step saw a judge call answered"
+    assert all(0 < r["train/judge/policy/latency_s"] <= r["train/judge/policy/latency_max_s"] for r in timed)
+    assert sum(r["train/judge/policy/calls"] for r in timed) >= 1
+    assert not any(k.startswith("train/judge/policy/") for r in rows if "train/loss" in r
+                   and "train/preference_loss" not in r for k in r)  # the SFT iteration judges nothing
+
+
 def test_rerunning_a_finished_run_does_nothing(finished_run):
     cfg, result, _ = finished_run
     assert run(cfg).iterations == result.iterations

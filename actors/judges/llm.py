@@ -94,7 +94,9 @@ class LLMJudge:
             j = judgements[owner]
             j.texts.append(text)
             j.token_ids.append(list(result.token_ids))
-            j.scores.append(parse_score(text, self.spec.reward_regex, self.spec.score_low, self.spec.score_high))
+            # only the judge's own generated text is parsed, never the prompt or response it was shown
+            j.scores.append(parse_score(text, self.spec.reward_regex, self.spec.score_low, self.spec.score_high,
+                                        self.spec.score_match))
             j.weight_version = self._version(result)
         return JudgeBatch(judgements, sum(len(r.token_ids) for r in results))
 
@@ -119,5 +121,5 @@ class LLMJudge:
         texts = [""] * len(items)
         for owner, result in zip(owners, results):
             texts[owner] = self.tokenizer.decode(result.token_ids, skip_special_tokens=True)
-            verdicts[owner] = parse_verdict(texts[owner], self.spec.meta_reward_regex)
+            verdicts[owner] = parse_verdict(texts[owner], self.spec.meta_reward_regex, self.spec.score_match)
         return MetaBatch(verdicts, texts, sum(len(r.token_ids) for r in results), len(items) - len(owners))

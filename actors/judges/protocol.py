@@ -21,9 +21,9 @@ WeightVersion = Union[int, Literal["fixed"]]
 # around the label or the number ("**Score:** 4", "Score: **4**"), a bracket ("Score: [4]", "<4>"), a
 # leading-dot decimal ("Score: .5") and a scale ("4/5", "4 out of 5": the named group `of` must equal
 # judge.score_high). A range ("Score: 3-4") is no score. docs/judges.md, "Parsing scores and verdicts".
-DEFAULT_REWARD_REGEX = (r"(?i)(?<![a-z0-9])(?:score|points)[*_]*\s*:[*_]*\s*[*_\[(<\"]*\s*"
+DEFAULT_REWARD_REGEX = (r"(?i)(?<![a-z0-9*_])[*_]*(?:score|points)[*_]*\s*:[*_]*\s*[*_\[(<\"]*\s*"
                         r"([-+]?(?:\d+(?:\.\d+)?|\.\d+))(?![\d.]*[^\S\n]*[-\u2013][^\S\n]*\d)"
-                        r"(?:\s*(?:/|out\s+of)\s*(?P<of>\d+(?:\.\d+)?))?")
+                        r"[*_\])>\"]*(?:\s*(?:/|out\s+of)\s*(?P<of>\d+(?:\.\d+)?))?[*_\])>\"]*")
 # "Winner: Judgement A" ("Judgment" too), also "Winner: [Judgement A]", "**Winner:** Judgement B" and a bare
 # letter that ends its line ("Winner: A", "Winner: **B**."), never "Winner: A judgement that ...".
 DEFAULT_META_REGEX = (r"(?im)(?<![a-z0-9])winner[*_]*\s*:[*_]*\s*[*_\[(<\"]*\s*"

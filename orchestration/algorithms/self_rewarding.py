@@ -15,7 +15,7 @@ from learner.types import TrainSample
 from ..batching import LLM_SOURCE, Batch, OutcomeStats, PromptOutcome
 from ..config import per_iteration
 from ..errors import WrongWeightVersion
-from .. import meta
+from .. import judge_metrics, meta
 from ..pairs import Candidate, select_pair
 from ..rollout import RolloutPipeline, ScoredPrompt
 from .iterative import WATCH_AFTER_PROMPTS, IterationSummary, IterativeAlgorithm
@@ -87,8 +87,8 @@ class SelfRewarding(IterativeAlgorithm):
             self.pools.generators, self.pools.judges, self._records(iteration, skip), tokenizer=self.ctx.tokenizer,
             sampling=self.sampling, num_responses=a.num_responses_to_gen, num_evals=a.num_evals_to_average,
             chunk_size=a.rollout_batch_size, seed=self.cfg.seed, iteration=iteration, meta_judge=a.use_meta_judge,
-            score_regex=self.cfg.judge.reward_regex, local_verifiers=self._local_verifiers(),
-            default_verifier=self.cfg.judge.default_verifier)
+            score_regex=self.cfg.judge.reward_regex, score_match=self.cfg.judge.score_match,
+            local_verifiers=self._local_verifiers(), default_verifier=self.cfg.judge.default_verifier)
 
     def _local_verifiers(self) -> VerifierJudge | None:
         """What scores verifier-named samples here, beside an LLM judge; None when the judge pool is the verifier."""
@@ -174,6 +174,9 @@ class SelfRewarding(IterativeAlgorithm):
                 continue
             stats.judged_responses += 1
             stats.count_source(j.verifier or LLM_SOURCE, j.mean, self.cfg.judge.score_low, self.cfg.judge.score_high)
+            if j.verifier is None or self.cfg.judge.backend == "verifier":  # the judge backend's own judgements
+                judge_metrics.count_scores(stats.judge_scores, j.scores, self.cfg.judge.score_low,
+                                           self.cfg.judge.score_high)
             if j.verifier is not None:  # a rule's reward: none of the LLM judge's counts below
                 continue
             stats.judge_shortened += j.shortened
@@ -239,4 +242,8 @@ class SelfRewarding(IterativeAlgorithm):
             out["judge_top_score_share"] = s.judge_top_scores / s.valid_judgements
         out.update(remote_judge_metrics(self.cfg.judge.backend, pipeline.counters.take_backend()))
         out.update(source_metrics(s.sources))
+        backend = self.cfg.judge.backend
+        out.update(judge_metrics.score_metrics(backend, s.judge_scores))
+        out.update(pipeline.latency["judge"].take(backend))
+        out.update(pipeline.latency["meta_judge"].take(backend, "meta_"))
         return out

@@ -20,7 +20,7 @@ PROBE_SEED = 7  # the held-out judge probes (answers to grade) and their samplin
 class ToyEvaluator:
     def __init__(self, renderer: ChatRenderer, held_out: JsonlDataset, *, judge_template: str = task.JUDGE_TEMPLATE,
                  judge_sampling: SamplingParams | None = None, score_regex: str | None = None,
-                 score_range: tuple[float, float] = (0.0, 5.0), max_new_tokens: int = 8):
+                 score_match: str = "first", score_range: tuple[float, float] = (0.0, 5.0), max_new_tokens: int = 8):
         self.tokenizer = renderer.tokenizer
         self.items = [(renderer.prompt_ids(c.prompt_messages), c.metadata["answer"]) for c in held_out]
         self.sampling = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
@@ -36,7 +36,7 @@ class ToyEvaluator:
                 prompt=question, response=response)}])
             self.probes.append((prompt, task.rubric_score(response, answer)))
         self.judge_sampling = judge_sampling or SamplingParams(temperature=0.0, max_new_tokens=96)
-        self.score_regex, self.score_range = score_regex, score_range
+        self.score_regex, self.score_match, self.score_range = score_regex, score_match, score_range
 
     def task_accuracy(self, generate: Generate) -> float:
         """Fraction of held-out questions the policy answers exactly right, greedy. `generate` serves the
@@ -56,7 +56,7 @@ class ToyEvaluator:
         right = 0
         for r, (_, truth) in zip(results, self.probes):
             score = parse_score(self.tokenizer.decode(r.token_ids, skip_special_tokens=True), low=low, high=high,
-                                **kwargs)
+                                match=self.score_match, **kwargs)
             right += score == truth
         return right / len(self.probes)
 
