@@ -18,15 +18,14 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import ray
 
 from actors.engines.protocol import GenerationRequest, GenerationResult
+from actors.fixed_host import FixedHost
 
 from . import triton_wire as wire
 from .llm import LLMJudge
@@ -220,15 +219,15 @@ def served_tokenizer(info: dict):
         return AutoTokenizer.from_pretrained(tmp)
 
 
-class TritonJudgeActor:
-    """A judge replica whose engine is a Triton server. It serves the judge contract and what the pools ask of
-    every replica (status, ping, weight_version); it is never refit (its weight version is 0, FIXED in the
-    judgements)."""
+class TritonJudgeActor(FixedHost):
+    """A judge replica whose engine is a Triton server; never refit (FixedHost)."""
+
+    backend = "triton"
 
     def __init__(self, judge: JudgeSpec, remote: TritonSpec):
+        super().__init__()
         self.engine = TritonEngine(remote)
         self.llm = LLMJudge(judge, served_tokenizer(self.engine.info), self.engine.max_seq_len, self._generate)
-        self.incarnation = uuid.uuid4().hex
 
     def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         return self.engine.generate(requests) if requests else []
@@ -250,22 +249,6 @@ class TritonJudgeActor:
         batch.backend_stats = {f"remote_{k}": v for k, v in self.engine.take_stats().items()}
         return batch
 
-    # What the pools ask of every replica (orchestration/cluster.py).
-    def status(self) -> tuple[str, int]:
-        return self.incarnation, 0
-
-    def weight_version(self) -> int:
-        return 0
-
-    def load_weights(self, version: int, *buckets) -> int:
-        if buckets or version != 0:
-            raise ValueError("a remote judge is never refit (judge.backend=triton does not follow the policy)")
-        return 0
-
     def memory_plan(self) -> str:
         return (f"remote judge at {self.engine.spec.where}: {self.engine.max_seq_len} context, "
                 f"{self.engine.rows_per_request} rows per request, {self.engine.spec.concurrency} in flight")
-
-    @ray.method(concurrency_group="health")
-    def ping(self) -> bool:
-        return True

@@ -8,12 +8,11 @@ it in its own process for those and sends the rest to the judge pool (orchestrat
 
 from __future__ import annotations
 
-import uuid
 from typing import Sequence
 
-import ray
 
 from actors.verifiers import NO_VERIFIER, Sample, to_score
+from actors.fixed_host import FixedHost
 from actors.verifiers.runner import VerifierRunner
 
 from .protocol import FIXED, JudgeBatch, JudgeItem, JudgeSpec, Judgement, MetaBatch, MetaItem
@@ -54,13 +53,14 @@ class VerifierJudge:
         self.runner.close()
 
 
-class VerifierJudgeActor:
-    """A judge replica with no engine: VerifierJudge behind what the pools ask of every replica (status, ping,
-    weight_version). Never refit: its weight version is 0, FIXED in its judgements."""
+class VerifierJudgeActor(FixedHost):
+    """A judge replica with no engine: VerifierJudge; never refit (FixedHost)."""
+
+    backend = "verifier"
 
     def __init__(self, judge: JudgeSpec):
+        super().__init__()
         self.verifiers = VerifierJudge(judge.score_low, judge.score_high)
-        self.incarnation = uuid.uuid4().hex
 
     @property
     def can_meta_judge(self) -> bool:
@@ -72,21 +72,5 @@ class VerifierJudgeActor:
     def meta_judge(self, items: Sequence[MetaItem]) -> MetaBatch:
         return self.verifiers.meta_judge(items)
 
-    # What the pools ask of every replica (orchestration/cluster.py).
-    def status(self) -> tuple[str, int]:
-        return self.incarnation, 0
-
-    def weight_version(self) -> int:
-        return 0
-
-    def load_weights(self, version: int, *buckets) -> int:
-        if buckets or version != 0:
-            raise ValueError("a verifier judge has no weights (judge.backend=verifier does not follow the policy)")
-        return 0
-
     def memory_plan(self) -> str:
         return "verifier judge: no model (rule-based rewards, actors/verifiers)"
-
-    @ray.method(concurrency_group="health")
-    def ping(self) -> bool:
-        return True
