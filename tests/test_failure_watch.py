@@ -16,7 +16,8 @@ from orchestration.algorithms.self_rewarding import SelfRewarding
 from orchestration.batching import Batch, OutcomeStats, PromptOutcome
 from orchestration.config import load_config
 from orchestration.report import format_table
-from orchestration.rollout import PromptRecord, ScoredPrompt
+from orchestration.judge_metrics import CallLatency
+from orchestration.rollout import PoolCounters, PromptRecord, ScoredPrompt
 
 NEW_ROW_KEYS = ("top_score_share", "chosen_length", "rejected_length", "reward_agreement",
                 "judge_pair_batch_share")
@@ -81,7 +82,8 @@ def pair(chosen_len, rejected_len):
 def step(sr, summary, outcomes, judge_samples, acc, stats):
     batch = Batch(outcomes, judge_samples, stats)
     metrics = {"loss": 1.0, "acc": acc} if acc is not None else {"loss": 1.0}
-    pipeline = SimpleNamespace(counters=SimpleNamespace(take=lambda: (0, 0), meta_too_long=0))
+    # the pipeline's real counters and latency clocks (a hand-made fake drifted from them once)
+    pipeline = SimpleNamespace(counters=PoolCounters(), latency={"judge": CallLatency(), "meta_judge": CallLatency()})
     sr._log_step(metrics, batch, summary, 1.0, 1.0, pipeline, LossConfig())
     return sr.ctx.metrics.rows[-1][1]
 
