@@ -20,8 +20,8 @@ from conftest import TOY_TEST_OVERRIDES
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 RAY_CLI = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
-SHORT_RUN = ["algorithm.max_iterations=1", "algorithm.limit_train_batches=2", "algorithm.global_batch_size=8",
-             "algorithm.micro_batch_size=4", "algorithm.save_interval=1", "logger.wandb.mode=offline"]
+SHORT_RUN = ["algorithm.max_iterations=1", "algorithm.limit_train_batches=4", "algorithm.global_batch_size=4",
+             "algorithm.micro_batch_size=2", "algorithm.save_interval=1", "logger.wandb.mode=offline"]
 
 
 def free_port() -> int:
@@ -120,8 +120,8 @@ def test_python_driver_example_runs_the_toy_world(ray_session, toy_ready, tmp_pa
     finally:
         sys.path.pop(0)
     result = python_driver.main([f"output_dir={tmp_path}", f"model.toy.cache_dir={toy_ready}", *TOY_TEST_OVERRIDES,
-                                 "algorithm.limit_train_batches=2", "algorithm.global_batch_size=8",
-                                 "algorithm.micro_batch_size=4"])
+                                 "algorithm.limit_train_batches=4", "algorithm.global_batch_size=4",
+                                 "algorithm.micro_batch_size=2"])
     assert result.stopped is None
     assert [r["iteration"] for r in result.iterations] == [0, 1]  # iteration 0 and the final model
     assert result.checkpoints == [tmp_path / "checkpoints" / "iter_0"]
