@@ -92,15 +92,24 @@ def test_every_flaw_gives_a_judgement_that_differs_from_the_right_one():
     assert all(n > 50 for n in seen.values()), seen
 
 
-def test_the_meta_judge_checks_each_judgements_sum_against_its_own():
+def test_the_meta_judge_grades_the_answer_itself_and_checks_each_judgements_verdicts_against_its_own():
     p = task.Problem(47, 38, 0)
     right = task.without_score(task.judgement_text(p, "84"))
     wrong = task.without_score(task.judgement_text(task.Problem(46, 38, 0), "84"))  # a misread operand: Sum 84
-    assert task.judged_sum(right) == "85" and task.judged_sum(wrong) == "84" and task.judged_sum("no sum") == "?"
-    text = task.meta_judgement_text(p, "B", wrong, right)
-    assert text.splitlines()[-4:] == ["Sum: 85", "A: 84 vs 85 no", "B: 85 vs 85 yes", "Winner: Judgement B"]
-    prompt, answer = world._meta_example(random.Random(1), 49)
-    assert answer.endswith(("Winner: Judgement A", "Winner: Judgement B")) and "Judgement A:" in prompt
+    flipped = task.without_score(task.flawed_judgement(random.Random(0), p, "84", "verdict"))
+    assert task.verdicts(right) == "yynyn" and task.verdicts(wrong) == "yyyyy" and task.verdicts("no checks") == "?????"
+    assert task.judged_sum(flipped) == "85" and task.verdicts(flipped) != "yynyn"  # right sum, a verdict flipped
+    text = task.meta_judgement_text(p, "84", "B", wrong, right)
+    assert text.splitlines()[-9:] == ["Sum: 85", "Number: yes", "Digits: 2 vs 2 yes", "Last: 4 vs 5 no",
+                                       "First: 8 vs 8 yes", "Exact: 84 vs 85 no", "A: yyyyy vs yynyn no",
+                                       "B: yynyn vs yynyn yes", "Winner: Judgement B"]
+    for seed in range(200):  # every probe's slip changes the score, and its answer names the right judgement
+        prompt, answer = world._meta_example(random.Random(seed), 49)
+        a, b = prompt.split("Judgement A:\n")[1].split("\nJudgement B:\n")
+        lines = answer.splitlines()
+        winner = lines[-1][-1]
+        assert task.verdicts(a).count("y") != task.verdicts(b).count("y")
+        assert lines[-3 if winner == "A" else -2].endswith(" yes") and lines[-2 if winner == "A" else -3].endswith(" no")
 
 
 def test_the_answer_phase_stops_at_the_target_and_says_when_it_cannot(tmp_path):

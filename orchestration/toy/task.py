@@ -198,14 +198,28 @@ def judged_sum(judgement: str) -> str:
     return found.group(1) if found else "?"
 
 
-def meta_judgement_text(problem: Problem, winner: str, judgement_a: str, judgement_b: str) -> str:
-    """The meta-judge's answer: the sum worked out again, each judgement's sum checked against it ("A: 84 vs 85
-    no", the judge's own compare step), then the winner.
+def verdicts(judgement: str) -> str:
+    """A judgement's five check verdicts as a string, one letter per criterion: "yyynn"; "?" for a check it lacks
+    or ends in neither yes nor no. The score is the number of y's, so two judgements that score differently
+    always differ here, whatever their worked lines say."""
+    found: dict[str, str] = {}
+    for line in judgement.splitlines():
+        name, _, rest = line.partition(": ")
+        if name in CRITERIA and name not in found:
+            found[name] = "y" if rest.endswith("yes") else "n" if rest.endswith("no") else "?"
+    return "".join(found.get(name, "?") for name in CRITERIA)
 
-    Asked for the winner straight after its own sum, or after copying the two sums, the four-layer model
-    stayed at chance; a compare line per judgement puts the decision next to the evidence.
+
+def meta_judgement_text(problem: Problem, response: str, winner: str, judgement_a: str, judgement_b: str) -> str:
+    """The meta-judge's answer: it grades the response itself (the worked sum and the five checks, as a judge
+    does), then compares each judgement's verdicts with its own ("A: yynnn vs yyynn no"), then names the winner.
+
+    The verdicts decide the score, so this catches every slip that changes a score: a wrong sum, a flipped
+    verdict, a miscopied digit. Checking only each judgement's "Sum" line (the earlier design) left the model
+    at chance on flipped verdicts and miscopied digits, about half of a sampled judge's real errors.
     """
-    truth = str(problem.answer)
-    checks = [f"{name}: {judged_sum(j)} vs {truth} {_yes(judged_sum(j) == truth)}"
+    own = without_score(judgement_text(problem, response))
+    truth = verdicts(own)
+    checks = [f"{name}: {verdicts(j)} vs {truth} {_yes(verdicts(j) == truth)}"
               for name, j in (("A", judgement_a), ("B", judgement_b))]
-    return "\n".join(column_sum(problem.a, problem.b) + checks + [f"Winner: Judgement {winner}"])
+    return "\n".join([own, *checks, f"Winner: Judgement {winner}"])

@@ -21,7 +21,7 @@ from ..stopping import StopRequested
 from . import task
 
 # Bump when the code that builds the toy world changes what it produces.
-TOY_WORLD_VERSION = 10
+TOY_WORLD_VERSION = 11
 # The bootstrap and its evaluation always use this many CPU threads: torch splits reductions by thread
 # count, so os.cpu_count() threads made M1 differ from one machine to the next in its last bits, and a
 # different M1 after 600 steps.
@@ -30,6 +30,7 @@ TOY_THREADS = 2
 # kernels); they are part of the recipe's hash, so a world built by other versions is never reused.
 DECIDING_LIBRARIES = ("torch", "transformers", "tokenizers")
 ANSWER_CHECK_EVERY = 10  # answer phase: greedy accuracy on the dev questions every this many steps
+META_MAX_NEW_TOKENS = 128  # the meta-judge probes' answer length: its own judgement, two verdict checks, the winner
 DEV_PROMPTS = 128  # held-out questions that decide when the answer phase stops (apart from val)
 SPECIAL_TOKENS = ("<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (
@@ -199,14 +200,21 @@ def meta_judge_prompt(question: str, response: str, judgement_a: str, judgement_
 
 def _meta_example(rng: random.Random, max_operand: int) -> tuple[str, str]:
     """(meta-judge prompt, answer): a right judgement and one with a slip (task.flawed_judgement) of one
-    answer, in random order."""
+    answer, in random order. The slip always changes the score: the run only ever meta-judges judgements whose
+    scores differ (SPEC 4: a judge pair needs two different scores), and a slip that leaves every verdict as it
+    was has no right answer for a meta-judge that compares verdicts."""
     p = task.sample_problem(rng, max_operand)
     response = task.candidate_answers(rng, p.answer)
     right = task.without_score(task.judgement_text(p, response))
-    wrong = task.without_score(task.flawed_judgement(rng, p, response))
+    for _ in range(20):
+        wrong = task.without_score(task.flawed_judgement(rng, p, response))
+        if task.verdicts(wrong).count("y") != task.verdicts(right).count("y"):
+            break
+    else:  # a flipped verdict always changes the score
+        wrong = task.without_score(task.flawed_judgement(rng, p, response, "verdict"))
     winner = rng.choice("AB")
     a, b = (right, wrong) if winner == "A" else (wrong, right)
-    return meta_judge_prompt(p.question, response, a, b), task.meta_judgement_text(p, winner, a, b)
+    return meta_judge_prompt(p.question, response, a, b), task.meta_judgement_text(p, response, winner, a, b)
 
 
 def _write_jsonl(path: Path, problems: list[task.Problem]) -> None:
@@ -242,7 +250,7 @@ def save_initial_model(tokenizer, recipe: ToyRecipe, model_dir: Path) -> None:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=3 * recipe.hidden_size,
         num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
-        max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=True,
+        max_position_embeddings=384, rope_theta=10000.0, tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     torch.manual_seed(recipe.seed)
@@ -360,9 +368,15 @@ def evaluate_m1(model_dir: Path, val: list[task.Problem], seed: int, log, meta: 
         from actors.judges.parsing import parse_verdict
 
         probes = [_meta_example(rng, max_operand) for _ in range(len(val))]
-        verdicts = [parse_verdict(v) for v in ask([q for q, _ in probes], 64)]
-        report["meta_judge_accuracy"] = round(
-            sum(v is not None and a.endswith(v) for v, (_, a) in zip(verdicts, probes)) / len(probes), 3)
+        answers = ask([q for q, _ in probes], META_MAX_NEW_TOKENS)
+        right = [parse_verdict(text) is not None and want.endswith(parse_verdict(text))
+                 for text, (_, want) in zip(answers, probes)]
+        # Where it goes wrong: grading the answer itself (its five checks), or comparing the judgements with it.
+        graded = [task.verdicts(text) == task.verdicts(want) for text, (_, want) in zip(answers, probes)]
+        report["meta_judge_accuracy"] = round(sum(right) / len(probes), 3)
+        report["meta_judge_grading_accuracy"] = round(sum(graded) / len(probes), 3)
+        report["meta_judge_accuracy_when_graded_right"] = round(
+            sum(r for r, g in zip(right, graded) if g) / max(1, sum(graded)), 3)
     torch.set_num_threads(threads)
     log(f"[toy] M1: greedy answer accuracy {report['answer_accuracy']:.1%}, judge parse rate "
         f"{report['judge_parse_rate']:.1%}, judge exact-score accuracy {report['judge_accuracy']:.1%}"
