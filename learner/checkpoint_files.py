@@ -41,8 +41,9 @@ def write_optimizer(directory: Path, state: dict) -> None:
     torch.save(state, Path(directory) / OPTIMIZER_FILE)
 
 
-def read_optimizer(path: str | os.PathLike) -> dict:
-    return torch.load(Path(path) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+def read_optimizer(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """`mmap`: map the file instead of reading it (a rank that keeps only its shards pages in only those)."""
+    return torch.load(Path(path) / OPTIMIZER_FILE, map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def write_rng_states(directory: Path, rng_states: list[dict]) -> None:

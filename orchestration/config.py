@@ -237,6 +237,9 @@ class EngineConfig:
 class LearnerConfig:
     backend: str = "torch"  # torch (data parallel) | megatron (tensor x pipeline x data parallel)
     dtype: str = "float32"
+    # torch only: ddp (every rank holds the whole model) | fsdp2 (parameters, gradients and AdamW state sharded
+    # over the data-parallel ranks); docs/learner_parallelism.md
+    sharding: str = "ddp"
     tensor_parallel: int = 1  # megatron only: cluster.learner.workers = tensor x pipeline x data parallel
     pipeline_parallel: int = 1
     optim: OptimSchema = field(default_factory=OptimSchema)
@@ -295,6 +298,7 @@ CHOICES = {
     "cluster.judges.strategy": PLACEMENT_STRATEGIES,
     "cluster.learner.strategy": PLACEMENT_STRATEGIES,
     "learner.dtype": ("float32", "bfloat16", "float16"),
+    "learner.sharding": ("ddp", "fsdp2"),
     "cluster.refit_transport": ("auto", "nccl", "gloo", "object_store"),
 }
 
@@ -564,6 +568,9 @@ def _validate_learner_layout(learner: LearnerConfig, workers: int) -> int:
             raise ConfigError(f"learner.tensor_parallel={tp} and learner.pipeline_parallel={pp} need "
                               "learner.backend=megatron (the torch backend is data parallel only)")
         return workers
+    if learner.sharding != "ddp":
+        raise ConfigError(f"learner.sharding={learner.sharding} is an option of learner.backend=torch; megatron "
+                          "shards its optimizer state over data-parallel ranks itself (docs/megatron.md)")
     from learner.backends import megatron
 
     if not megatron.available():

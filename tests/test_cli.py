@@ -102,6 +102,7 @@ def test_every_schema_default_works_from_the_python_api_alone():
     (["engine.kind=vllm"], r"engine.kind='vllm' is not one of: torch"),
     (["engine.options={prefill: 64}"], r"engine.options.prefill is not an option of the 'torch' engine"),
     (["engine.options={cuda_graphs: 3}"], r"engine.options.cuda_graphs must be true or false, got 3"),
+    (["learner.sharding=zero3"], r"learner.sharding='zero3' is not one of: ddp, fsdp2"),
 ])
 def test_checks_that_need_no_work_run_before_the_toy_world_is_built(overrides, message, tmp_path, capsys):
     with pytest.raises(ConfigError, match=message):

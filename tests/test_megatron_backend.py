@@ -133,6 +133,10 @@ def test_checkpoint_loads_in_transformers_and_resumes_exactly(layout):
     learner_state = json.loads((Path(ckpt) / "learner_state.json").read_text())
     assert learner_state == {"step": 1, "world_size": len(results), "backend": "megatron", "tensor_parallel": tp,
                              "pipeline_parallel": pp}
+    optimizer = torch.load(Path(ckpt) / "optimizer.pt", weights_only=False)["ranks"]
+    data_parallel = len(results) // (tp * pp)
+    for blob in optimizer.values():  # with DP > 1 the distributed optimizer's gathered state is in it
+        assert ("parameters" in blob) == (data_parallel > 1)
     for r in results:  # optimizer moments, step count and schedule restored: the same second step
         assert r["resumed_step2"] == r["step2"]
 

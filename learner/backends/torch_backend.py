@@ -1,6 +1,12 @@
 """The `torch` learner backend: a transformers causal LM, data parallel, AdamW.
 
-One instance per data-parallel rank. With world_size > 1 the caller has already joined the
+One instance per data-parallel rank. Data parallel (`sharding`, the config's `learner.sharding`):
+- ddp (the default): every rank holds the whole model, its gradients and AdamW state; gradients are
+  all-reduced (DDP in float32, one flat all-reduce of the float32 master gradients in mixed precision).
+- fsdp2: parameters, gradients and AdamW state sharded over the ranks with FSDP2 (learner/backends/fsdp.py).
+  Collective like megatron (`gathers_weights`): every rank takes part in exports and saves, which gather the
+  full weights one tensor at a time. With one worker there is nothing to shard: it runs as ddp does.
+ With world_size > 1 the caller has already joined the
 torch.distributed group (gloo on CPU, NCCL on GPUs); per-step metrics are summed over ranks, so every rank
 returns the same numbers. Works with world_size == 1 and no process group too (the toy bootstrap trains this
 way in-process).
@@ -15,7 +21,8 @@ Precision (`dtype`, the config's `learner.dtype`):
   weights; exported (refit) weights are the bfloat16 ones the model computes with. The reference model is a
   bfloat16 copy, so policy and reference give identical log-probs at an iteration's start.
 - float16 is refused: without loss scaling its gradients underflow.
-Log-probs are reduced in float32 in every mode (losses.token_logprobs).
+Log-probs are reduced in float32 in every mode (losses.token_logprobs). Under fsdp2, bfloat16 keeps the same
+split: the float32 shards are the masters, FSDP gathers them cast to bfloat16 and reduces gradients in float32.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from transformers.utils import logging as hf_logging
 from refit_wire import DEFAULT_BUCKET_BYTES, pack_buckets
 
 from .. import checkpoint_files, losses, objective
+from . import fsdp
 from ..schedule import lr_at
 from ..types import LossConfig, OptimConfig, TrainSample
 
@@ -78,14 +86,17 @@ def _sdpa_priority():
 
 
 class TorchBackend:
-    gathers_weights = False  # rank 0 holds the full weights (DDP replicates them)
+    gathers_weights = False  # with ddp rank 0 holds the full weights; an fsdp2 instance sets True
 
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
-                 rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None,
+                 sharding: str = "ddp"):
         if dtype not in DTYPES:
             hint = " (float16 would need loss scaling; bfloat16 is as fast)" if dtype == "float16" else ""
             raise ValueError(f"learner.dtype={dtype!r} is not supported by the torch learner{hint}; "
                              f"use one of {', '.join(DTYPES)}")
+        if sharding not in fsdp.SHARDINGS:
+            raise ValueError(f"learner.sharding={sharding!r} is not one of: {', '.join(fsdp.SHARDINGS)}")
         torch.manual_seed(seed)
         hf_logging.disable_progress_bar()  # per-load bars from every worker would drown the step lines
         self.model_dir = model_dir
@@ -96,7 +107,14 @@ class TorchBackend:
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.dtype = getattr(torch, dtype)
+        self.sharded = sharding == "fsdp2" and world_size > 1
+        self.gathers_weights = self.sharded
         model = self._load(model_dir, torch.float32)
+        if self.sharded:
+            self._shard(model, reference_dir or model_dir)
+            self.optimizer = self._new_optimizer()
+            self.step = 0
+            return
         # Mixed precision: the model's weights become bf16 views of one flat buffer, the masters stay float32.
         self.master = _MasterWeights(model, self.dtype) if self.dtype != torch.float32 else None
         self.module = model  # unwrapped: HF names, saving, export
@@ -113,6 +131,20 @@ class TorchBackend:
             self.model = torch.nn.parallel.DistributedDataParallel(self.policy)
         self.optimizer = self._new_optimizer()
         self.step = 0  # optimizer steps taken since the optimizer was (re)created
+
+    def _shard(self, model: torch.nn.Module, reference_dir: str) -> None:
+        """FSDP2: the float32 policy and a reference in the compute dtype, each sharded over the ranks."""
+        mesh = fsdp.data_parallel_mesh(self.device)
+        self.master = None  # FSDP's float32 shards are the masters
+        self.module = model
+        self.policy = _ResponseLogprobs(model)
+        fsdp.shard(self.policy, model, mesh, self.dtype)
+        self.reference = self._load(reference_dir, self.dtype)  # the same weights as model_dir's, or the resumed
+        self.reference.requires_grad_(False)  # iteration's start
+        self.reference.eval()
+        self.reference_logprobs = _ResponseLogprobs(self.reference)
+        fsdp.shard(self.reference_logprobs, self.reference, mesh, self.dtype)
+        self.model = self.policy
 
     @property
     def data_parallel(self) -> tuple[int, int]:
@@ -184,7 +216,8 @@ class TorchBackend:
         if self.master is not None:
             return self.master.clip_gradients(max_norm)
         params = [p for p in self.module.parameters() if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return norm.full_tensor() if isinstance(norm, fsdp.DTensor) else norm  # fsdp2: reduced over the shards
 
     # ---- evaluation -----------------------------------------------------------------------------------
 
@@ -194,12 +227,17 @@ class TorchBackend:
         self.policy.eval()
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         mb = max(1, self.optim_cfg.micro_batch_size)
-        for i in range(0, len(samples), mb):
-            chunk = samples[i : i + mb]
+        chunks = [samples[i : i + mb] for i in range(0, len(samples), mb)]
+        # Shares may be uneven here (LearnerGroup.sft_nll); under fsdp2 every forward all-gathers, so a rank
+        # with fewer micro-batches runs one-token forwards (not counted) until all have run as many.
+        forwards = fsdp.same_forward_count(len(chunks), self.device) if self.sharded else len(chunks)
+        for chunk in chunks:
             batch = objective.collate([s.prompt_ids for s in chunk], [s.chosen_ids for s in chunk], self.device)
             token_logp = _token_logprobs(self.policy, batch)
             sums[0] -= token_logp.sum().double()
             sums[1] += batch["mask"].sum().double()
+        for _ in range(forwards - len(chunks)):
+            _token_logprobs(self.policy, objective.collate([[0]], [[0]], self.device))
         self._all_reduce(sums)
         total, count = sums.tolist()
         return total, count
@@ -219,7 +257,10 @@ class TorchBackend:
 
     def update_reference(self) -> None:
         """The reference policy becomes the current weights (start of a new iteration)."""
-        self.reference.load_state_dict(self.module.state_dict())
+        if self.sharded:
+            fsdp.copy_shards(self.reference, self.module)
+        else:
+            self.reference.load_state_dict(self.module.state_dict())
 
     def reset_optimizer(self) -> None:
         self.optimizer = self._new_optimizer()
@@ -229,9 +270,12 @@ class TorchBackend:
 
     def named_weights(self):
         """Parameters under Hugging Face names, as the model computes with them (bfloat16 in mixed precision);
-        a tied lm_head is left out (it is the embedding)."""
+        a tied lm_head is left out (it is the embedding). Under fsdp2 collective: rank 0 yields each tensor
+        gathered in the compute dtype, one at a time; the other ranks yield nothing."""
         tied = getattr(self.module.config, "tie_word_embeddings", False)
-        for name, tensor in self.module.state_dict().items():
+        named = (fsdp.gathered_weights(self.module, self.rank, self.dtype) if self.sharded
+                 else self.module.state_dict().items())
+        for name, tensor in named:
             if tied and name == "lm_head.weight":
                 continue
             yield name, tensor
@@ -249,11 +293,21 @@ class TorchBackend:
     def save(self, path: str, rng_states: list[dict] | None = None) -> None:
         """Write a Hugging Face checkpoint directory plus optimizer, schedule and RNG state, atomically
         (rank 0 only; `rng_states` holds every rank's). In mixed precision the weights written are the float32
-        masters, so a resumed run continues from exactly the weights the optimizer holds."""
+        masters, so a resumed run continues from exactly the weights the optimizer holds. Under fsdp2
+        collective: weights (float32) and optimizer state are gathered to rank 0's CPU, one tensor at a time, and
+        written unsharded, in the files and layout ddp writes."""
+        if self.sharded:
+            weights = dict(fsdp.gathered_weights(self.module, self.rank, to_cpu=True))
+            optimizer_state = fsdp.gather_optimizer_state(self.optimizer, self.rank)
+        else:
+            optimizer_state = self.optimizer.state_dict() if self.rank == 0 else None
         if self.rank != 0:
             return
         with checkpoint_files.publish(path) as tmp:
-            if self.master is None:
+            if self.sharded:
+                self.module.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+                _set_config_dtype(tmp, "float32")
+            elif self.master is None:
                 self.module.save_pretrained(tmp, safe_serialization=True)
             else:
                 self.module.save_pretrained(tmp, safe_serialization=True,
@@ -261,14 +315,20 @@ class TorchBackend:
                 _set_config_dtype(tmp, "float32")  # save_pretrained records the model's (bf16) dtype
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
-            checkpoint_files.write_optimizer(tmp, {"optimizer": self.optimizer.state_dict(), "step": self.step})
+            checkpoint_files.write_optimizer(tmp, {"optimizer": optimizer_state, "step": self.step})
             checkpoint_files.write_rng_states(tmp, rng_states or [self.rng_state()])
             checkpoint_files.write_learner_state(tmp, step=self.step, world_size=self.world_size)
 
     def load_training_state(self, path: str) -> None:
         """Optimizer moments, schedule position and this rank's RNG from a checkpoint written by `save`."""
-        state = checkpoint_files.read_optimizer(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = checkpoint_files.read_optimizer(path, mmap=self.sharded)  # fsdp2: each rank reads its chunks
+        if "optimizer" not in state:
+            raise ValueError(f"{path} was not written by the torch backend: resume with the learner.backend "
+                             "that wrote it")
+        if self.sharded:
+            fsdp.load_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         checkpoint_files.set_rng_state(checkpoint_files.read_rng_state(path, self.rank, self.world_size))
 

@@ -12,9 +12,10 @@ specifics:
   the DPO-family losses see both; the loss is computed on the last stage from vocabulary-parallel
   log-softmax (megatron's `vocab_parallel_cross_entropy`): full logits are never gathered.
 - Gradients go through megatron's DistributedDataParallel and finalize_model_grads (data-parallel
-  all-reduce, tied-embedding sync between first and last stage). The optimizer is megatron's plain one
-  (fp32 main weights and Adam moments, not sharded): its distributed optimizer's checkpoint state gather
-  failed on an H200 with megatron-core 0.16.1 (see __init__).
+  reduction, tied-embedding sync between first and last stage). With data parallel > 1 the optimizer is
+  megatron's distributed optimizer (fp32 main weights and Adam moments sharded over the data-parallel
+  ranks, gradients reduce-scattered); with DP = 1 its plain one (nothing to shard). Checkpoints gather the
+  distributed state to DP rank 0 (get_parameter_state_dp_zero) and scatter it back on resume.
 - Hugging Face weights are converted in on load (each rank reads only its slices) and out on export and
   save (gathered over tensor-parallel ranks, sent from later stages to rank 0): see convert.py.
 - Collective methods (everything that touches weights or runs the model) must be called on every rank.
@@ -118,10 +119,11 @@ class MegatronBackend:
             else:  # resuming mid-iteration: the reference is the iteration-start weights, not the policy's
                 self._load(self.reference, hf_checkpoint.SafetensorsReader(reference_dir))
             self.reference.requires_grad_(False)
-            # Not megatron's distributed optimizer: on an H200 (megatron-core 0.16.1) gathering its state for a
-            # checkpoint (get_parameter_state_dp_zero) failed with a size mismatch. The plain optimizer keeps
-            # the same float32 main weights; it does not shard them over data-parallel ranks.
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
+            # The distributed optimizer shards main weights and moments over data-parallel ranks; with one
+            # there is nothing to shard and the plain optimizer keeps the same state.
+            self.distributed_optimizer = self.dp_size > 1
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                       use_distributed_optimizer=self.distributed_optimizer)
             self.model = DistributedDataParallel(config=policy.config, ddp_config=ddp_config, module=policy)
             policy.config.no_sync_func = self.model.no_sync
             policy.config.finalize_model_grads_func = finalize_model_grads
@@ -412,7 +414,7 @@ class MegatronBackend:
         config = OptimizerConfig(
             optimizer="adam", lr=c.lr, min_lr=c.min_lr, weight_decay=c.weight_decay, adam_beta1=c.betas[0],
             adam_beta2=c.betas[1], adam_eps=c.eps, clip_grad=0.0, bf16=self.dtype == torch.bfloat16,
-            params_dtype=self.dtype, use_distributed_optimizer=False)  # see the DDP config in __init__
+            params_dtype=self.dtype, use_distributed_optimizer=self.distributed_optimizer)
         # config_overrides={} decays every parameter, norms included, as the torch backend's AdamW does.
         return get_megatron_optimizer(config, [self.model], config_overrides={})
 
@@ -485,6 +487,7 @@ def _optimizer_state(optimizer) -> dict:
     state = {"optimizer": _to_cpu(inner.state_dict())}
     if hasattr(inner, "get_parameter_state_dp_zero"):  # distributed: moments are sharded over data parallel
         state["parameters"] = _to_cpu(inner.get_parameter_state_dp_zero())
+        state["adam_step"] = _adam_step(inner)
     return state
 
 
@@ -492,7 +495,27 @@ def _load_optimizer_state(optimizer, state: dict, data_rank_zero: bool) -> None:
     inner = _inner(optimizer)
     inner.load_state_dict(state["optimizer"])
     if hasattr(inner, "load_parameter_state_from_dp_zero"):
-        inner.load_parameter_state_from_dp_zero(state["parameters"] if data_rank_zero else None)
+        # megatron-core 0.16.1 restores exactly param, exp_avg and exp_avg_sq per main parameter and fails on
+        # any other per-parameter state (KeyError): torch's Adam, its optimizer without Apex or Transformer
+        # Engine, also keeps `step` there. The step travels beside the gathered state and is put back here.
+        entries = [inner.optimizer.state[p] for group in inner.optimizer.param_groups for p in group["params"]]
+        for entry in entries:
+            entry.pop("step", None)
+        # It copies into the float32 main parameters in place: leaves that require grad (Megatron-LM's loader
+        # runs it with autograd off too).
+        with torch.no_grad():
+            inner.load_parameter_state_from_dp_zero(state["parameters"] if data_rank_zero else None)
+        for entry in entries:
+            entry["step"] = state["adam_step"].clone()
+
+
+def _adam_step(inner) -> torch.Tensor:
+    """torch Adam's step count, one for all parameters (each DP rank holds other parameters' shards, so the
+    count is saved once): every parameter takes every step here."""
+    steps = {float(s["step"]) for s in inner.optimizer.state.values() if "step" in s}
+    if len(steps) != 1:
+        raise RuntimeError(f"expected one Adam step count over the parameters, found {sorted(steps)}")
+    return torch.tensor(steps.pop())
 
 
 def _to_cpu(obj):

@@ -2,9 +2,9 @@
 
 megatron-core 0.16.1 treats "the current CUDA device" as the home of every tensor it allocates itself. On the
 code paths this backend uses, that assumption appears in the four ways below. (Two more CUDA-only pieces are
-avoided rather than patched: the gradient clipping asserts CUDA gradients, so the backend clips itself, and
-the distributed optimizer accepts only CUDA parameters; the backend uses megatron's plain optimizer on CPU and
-GPU alike, see backend.py.)
+avoided rather than patched: the gradient clipping asserts CUDA gradients, so the backend clips itself.)
+The distributed optimizer sorts parameters by `Tensor.type()` names and accepts only 'torch.cuda.*Tensor':
+while the shim is active, `type()` of a CPU tensor reports the CUDA name of the same dtype.
 
 1. `torch.cuda.current_device()` as a `device=` argument: the global memory buffer that holds the attention
    scores (`parallel_state.get_global_memory_buffer()`), the pipeline's receive buffers
@@ -49,6 +49,9 @@ class _CudaAllocationsOnCpu(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].device.type == "cpu":
+            # the distributed optimizer sorts parameters by 'torch.cuda.<Type>Tensor' names
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         if "device" in kwargs:
             kwargs = {**kwargs, "device": _cpu_if_cuda(kwargs["device"])}
         if func is torch.Tensor.to:
