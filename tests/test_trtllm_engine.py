@@ -257,3 +257,20 @@ def test_each_replica_gets_one_bundle_per_rank():
 def test_the_refit_group_covers_every_engine_rank():
     assert member_ranks([1, 1, 1]) == ([1, 2, 3], 4)
     assert member_ranks([2, 2, 1]) == ([1, 3, 5], 6)  # two tp=2 generators, then a one-GPU judge
+
+
+def test_the_kuberay_overlay_is_the_rayjob_on_the_trtllm_image():
+    """deploy/kuberay/trtllm selects the Dockerfile.trtllm image and adds engine.kind=trtllm to rayjob.yaml's
+    entrypoint, which it otherwise keeps (a drift guard: the overlay repeats the entrypoint)."""
+    import yaml
+    from pathlib import Path
+
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    overlay = yaml.safe_load((deploy / "kuberay" / "trtllm" / "kustomization.yaml").read_text())
+    job = yaml.safe_load((deploy / "kuberay" / "rayjob.yaml").read_text())
+    assert overlay["resources"] == ["../rayjob.yaml"]
+    tag = f"{overlay['images'][0]['name']}:{overlay['images'][0]['newTag']}"
+    assert f"-t {tag} ." in (deploy / "docker" / "Dockerfile.trtllm").read_text()
+    (patch,) = yaml.safe_load(overlay["patches"][0]["patch"])
+    assert patch["path"] == "/spec/entrypoint"
+    assert patch["value"] == job["spec"]["entrypoint"] + " engine.kind=trtllm"
