@@ -21,7 +21,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 
 from actors.engine_host import StaleWeights
-from actors.engines import EngineSpec
+from actors.engines import EngineSpec, engine_class
 from actors.generator import GeneratorActor
 from actors.judges import judge_backend
 from actors.judges.protocol import JudgeSpec
@@ -102,8 +102,6 @@ def engine_layout(spec: EngineSpec) -> tuple[int, Callable[[list[int]], dict[str
     """(ranks per replica, bundle indices -> the host's environment) for an engine whose ranks are Ray
     actors of its own (its class has `bundle_env`, e.g. trtllm); (0, None) for an engine that runs inside
     its host actor."""
-    from actors.engines import engine_class
-
     bundle_env = getattr(engine_class(spec.kind), "bundle_env", None)
     return (spec.tensor_parallel, bundle_env) if bundle_env is not None else (0, None)
 
@@ -335,6 +333,11 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoo
     layouts = {"cluster.generators": engine_layout(gen_engine)}
     if judges is not None and judges.engine is not None:
         layouts["cluster.judges"] = engine_layout(judges.engine)
+    engines = [gen_engine] + ([judges.engine] if judges is not None and judges.engine is not None else [])
+    for kind in dict.fromkeys(spec.kind for spec in engines):  # what an engine cannot promise, in the run log
+        warning = getattr(engine_class(kind), "START_WARNING", None)
+        if warning:
+            log(f"[run] warning: {warning}")
     wanted = placement.requests(cluster, judges=judges is not None, learner=learner is not None,
                                 engine_ranks={key: ranks for key, (ranks, _) in layouts.items() if ranks})
     if not cluster.wait_for_autoscaler:
@@ -353,8 +356,9 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoo
             return [engine_actor(cls, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=cluster.max_restarts,
                                  scheduling_strategy=placement.in_bundle(groups[key], i)).remote(*args)
                     for i in range(pool.replicas)]
-        # The host takes no GPU: its engine's rank workers take the GPUs of bundles i*ranks .. i*ranks+ranks-1.
-        return [engine_actor(cls, num_cpus=pool.num_cpus, num_gpus=0, max_restarts=cluster.max_restarts,
+        # The host takes nothing of its bundles: its engine's rank workers (one GPU and one CPU each, Ray's
+        # default for an actor that asks for a GPU) and their helpers take bundles i*ranks .. i*ranks+ranks-1.
+        return [engine_actor(cls, num_cpus=0, num_gpus=0, max_restarts=cluster.max_restarts,
                              scheduling_strategy=placement.in_bundle(groups[key], i * ranks, capture_children=True),
                              env=bundle_env(list(range(i * ranks, (i + 1) * ranks)))).remote(*args)
                 for i in range(pool.replicas)]

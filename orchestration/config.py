@@ -469,14 +469,19 @@ def _validate_engine(cfg: Config) -> None:
     if cfg.engine.kind == "trtllm":
         from actors.judges import JUDGE_BACKENDS
 
-        pools = {"cluster.generators.num_gpus": cfg.cluster.generators.num_gpus}
+        pools = {"cluster.generators": cfg.cluster.generators}
         entry = JUDGE_BACKENDS.get(cfg.judge.backend)
         if cfg.algorithm.name in JUDGED and entry is not None and entry.local_engine:
-            pools["cluster.judges.num_gpus"] = cfg.cluster.judges.num_gpus
-        for key, gpus in pools.items():
-            if gpus != tp:
+            pools["cluster.judges"] = cfg.cluster.judges
+        for key, pool in pools.items():
+            if pool.num_gpus != tp:
                 raise ConfigError(f"engine.kind={cfg.engine.kind} with engine.tensor_parallel={tp} runs {tp} GPU "
-                                  f"worker(s) per engine replica, but {key}={gpus:g}: set it to {tp}")
+                                  f"worker(s) per engine replica, but {key}.num_gpus={pool.num_gpus:g}: set it to {tp}")
+            # Each rank's bundle gets the pool's num_cpus; its worker holds one CPU (Ray's default for an
+            # actor that asks for a GPU), so a bundle with less never places it.
+            if pool.num_cpus < 1:
+                raise ConfigError(f"engine.kind={cfg.engine.kind}: each GPU worker holds one CPU of its bundle, but "
+                                  f"{key}.num_cpus={pool.num_cpus:g}: set it to at least 1")
     try:
         spec = EngineSpec("", kind=cfg.engine.kind, options=dict(cfg.engine.options or {}),
                           kv_cache_memory_gb=cfg.engine.kv_cache_memory_gb,

@@ -223,6 +223,9 @@ def test_tensor_parallel_is_checked_against_the_pools():
         load_config(["engine.kind=trtllm", "engine.tensor_parallel=2", "cluster.generators.num_gpus=2"])
     with pytest.raises(ConfigError, match=r"cluster\.generators\.num_gpus=0: set it to 1"):
         load_config(["engine.kind=trtllm"])  # its workers are GPU workers
+    with pytest.raises(ConfigError, match=r"one CPU of its bundle, but cluster\.judges\.num_cpus=0\.5: set it to at least 1"):
+        load_config(["engine.kind=trtllm", "cluster.generators.num_gpus=1", "cluster.judges.num_gpus=1",
+                     "cluster.judges.num_cpus=0.5"])
     with pytest.raises(ConfigError, match=r"engine\.tensor_parallel=2: the torch engine runs a replica on one"):
         load_config(["engine.tensor_parallel=2", "cluster.generators.num_gpus=1"])
     with pytest.raises(ValueError, match="engine.tensor_parallel must be a positive integer"):
@@ -251,7 +254,8 @@ def test_each_replica_gets_one_bundle_per_rank():
     assert (gen.count, gen.bundle) == (6, {"CPU": 1.0, "GPU": 1.0})
     assert (judge.count, judge.bundle["GPU"]) == (cluster.judges.replicas, 2.0)  # an engine in its host
     # Replica 1's workers go to its bundles 2 and 3, one GPU each.
-    assert TrtllmEngine.bundle_env([2, 3]) == {"TRTLLM_RAY_BUNDLE_INDICES": "2,3", "TRTLLM_RAY_PER_WORKER_GPUS": "1"}
+    env = TrtllmEngine.bundle_env([2, 3])
+    assert (env["TRTLLM_RAY_BUNDLE_INDICES"], env["TRTLLM_RAY_PER_WORKER_GPUS"]) == ("2,3", "1")
 
 
 def test_the_refit_group_covers_every_engine_rank():

@@ -14,6 +14,7 @@ every worker is a rank of our refit group (refit_wire) and lands each flat bucke
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -58,13 +59,12 @@ class TrtllmLLM:
             **kwargs,
         )
         self._fields = set(getattr(TrtSamplingParams, "__dataclass_fields__", {}))
+        self._raw_mode = _raw_logprobs_mode(self._fields)
 
     def _sampling(self, kw: Mapping[str, Any]) -> TrtSamplingParams:
         kw = dict(kw)
-        if "logprobs_mode" in kw:  # VERSION-SPECIFIC: the mode is a string enum in 1.2; absent before
-            if "logprobs_mode" not in self._fields:
-                kw.pop("logprobs_mode")
-                warnings.warn("this TensorRT-LLM has no logprobs_mode: its log-probs may be after temperature")
+        if kw.pop("logprobs_mode", None) == "raw" and self._raw_mode is not None:
+            kw["logprobs_mode"] = self._raw_mode
         return TrtSamplingParams(**kw)
 
     def generate(self, prompts: Sequence[list[int]], kwargs: Sequence[Mapping[str, Any]]) -> list[tuple[list[int], Any]]:
@@ -109,6 +109,45 @@ class TrtllmLLM:
 # ------------------------------------------------------------------------------------ worker side
 
 
+def _raw_logprobs_mode(fields: set[str]) -> Any:
+    """VERSION-SPECIFIC: the value of SamplingParams.logprobs_mode that asks for log-probs of the unscaled
+    model. Later releases have a LogprobMode enum (RAW, the default); earlier ones took the strings
+    "raw_logprobs" / "processed_logprobs"; before that there was no mode (None: the field is left out)."""
+    if "logprobs_mode" not in fields:
+        warnings.warn("this TensorRT-LLM has no SamplingParams.logprobs_mode: its log-probs may be taken after "
+                      "temperature / top-k / top-p, which the engine contract does not allow")
+        return None
+    from tensorrt_llm import sampling_params
+
+    enum = getattr(sampling_params, "LogprobMode", None)
+    return enum.RAW if enum is not None and hasattr(enum, "RAW") else "raw_logprobs"
+
+
+@contextmanager
+def _paused(worker):
+    """VERSION-SPECIFIC: run a weight change or a communicator set-up while the worker's executor loop is
+    parked (PyExecutor.control_action, what TensorRT-LLM's control_action_decorator wraps): no request is in
+    flight and no tensor-parallel collective of the loop can interleave with ours. Releases without it run
+    the call directly (the engine never refits while it generates: the replica's actor serialises them)."""
+    control = getattr(worker.engine, "control_action", None)
+    if control is None:
+        yield
+        return
+    with control():
+        yield
+
+
+def _begin_reload(worker) -> None:
+    """VERSION-SPECIFIC: the modules' pre-reload hooks, once per refit (releases that have them need them
+    before the first partial load; TensorRT-LLM's own WorkerExtension.update_weights does the same)."""
+    if getattr(worker, "_selfreward_reloading", False):
+        return
+    for module in worker.engine.model_engine.model.modules():
+        if hasattr(module, "pre_reload_weights") and not getattr(module, "_weights_removed", False):
+            module.pre_reload_weights()
+    worker._selfreward_reloading = True
+
+
 def _reload(model_engine, weights: Mapping[str, torch.Tensor]) -> None:
     """VERSION-SPECIFIC: Hugging Face-named tensors into the running model. 1.2 has the model loader's
     `reload` (partial loads allowed: a refit arrives bucket by bucket); older releases only
@@ -121,17 +160,25 @@ def _reload(model_engine, weights: Mapping[str, torch.Tensor]) -> None:
 
 
 def _finish_reload(worker) -> None:
-    """VERSION-SPECIFIC: the modules' post-load hooks (re-fusing, scales), then drop cached prefixes."""
+    """VERSION-SPECIFIC: the modules' post-load hooks (re-fusing, scales; both names, as TensorRT-LLM's own
+    WorkerExtension calls them), then drop cached prefixes."""
+    torch.cuda.synchronize()
     for module in worker.engine.model_engine.model.modules():
-        if hasattr(module, "post_load_weights") and not getattr(module, "_weights_removed", False):
-            module.post_load_weights()
+        if getattr(module, "_weights_removed", False):
+            continue
+        for hook in ("process_weights_after_loading", "post_load_weights"):
+            if hasattr(module, hook):
+                getattr(module, hook)()
     worker.engine.reset_prefix_cache()
+    worker._selfreward_reloading = False
 
 
 def _tp_rank(worker) -> int:
-    """VERSION-SPECIFIC: the worker's tensor-parallel rank (the Ray workers initialise torch.distributed)."""
-    rank = getattr(worker, "rank", None)
-    return int(rank) if rank is not None else torch.distributed.get_rank()
+    """VERSION-SPECIFIC: the worker's tensor-parallel rank. The Ray workers initialise torch.distributed
+    over the replica's ranks (NeMo-RL's NCCL extension reads the rank there too)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(getattr(worker, "rank", 0))
 
 
 class _ModelSink:
@@ -157,11 +204,13 @@ class RefitWorkerExtension:
 
     def selfreward_load(self, weights: Mapping[str, torch.Tensor]) -> None:
         device = torch.device("cuda", torch.cuda.current_device())
-        _reload(self.engine.model_engine, {n: t.to(device, non_blocking=True) for n, t in weights.items()})
+        with _paused(self):
+            _begin_reload(self)
+            _reload(self.engine.model_engine, {n: t.to(device, non_blocking=True) for n, t in weights.items()})
 
     def selfreward_finish_load(self) -> None:
-        torch.cuda.synchronize()
-        _finish_reload(self)
+        with _paused(self):
+            _finish_reload(self)
 
     def selfreward_parameters(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu() for n, p in self.engine.model_engine.model.named_parameters()}
@@ -170,7 +219,8 @@ class RefitWorkerExtension:
         from actors.refit_receiver import RefitReceiver
 
         self._selfreward_refit = getattr(self, "_selfreward_refit", None) or RefitReceiver()
-        self._selfreward_refit.join(host, port, generation, first_rank + _tp_rank(self), size, backend)
+        with _paused(self):  # creating a communicator beside the loop's own collectives can deadlock
+            self._selfreward_refit.join(host, port, generation, first_rank + _tp_rank(self), size, backend)
 
     def selfreward_leave(self) -> None:
         refit = getattr(self, "_selfreward_refit", None)
@@ -182,6 +232,7 @@ class RefitWorkerExtension:
         self._selfreward_refit.prepare(layout, self._selfreward_sink, torch.device("cuda", torch.cuda.current_device()))
 
     def selfreward_receive(self) -> None:
-        self._selfreward_refit.receive(self._selfreward_sink)
-        torch.cuda.synchronize()
-        _finish_reload(self)
+        with _paused(self):
+            _begin_reload(self)
+            self._selfreward_refit.receive(self._selfreward_sink)
+            _finish_reload(self)

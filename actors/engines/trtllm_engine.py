@@ -269,6 +269,7 @@ class TrtllmEngine:
         "cuda_graphs": (lambda v: type(v) is bool, "true or false"),
     }
     REQUIRES = (PACKAGE, INSTALL)  # actors.engines.engine_class refuses the kind when it does not import
+    START_WARNING = BATCH_VARIANCE_WARNING  # logged by orchestration.cluster.start_pools, warned by each engine
 
     @classmethod
     def check_spec(cls, spec: EngineSpec) -> None:
@@ -288,8 +289,12 @@ class TrtllmEngine:
     def bundle_env(bundles: list[int]) -> dict[str, str]:
         """The host actor's environment that places TensorRT-LLM's rank workers (one per tensor-parallel rank)
         in `bundles` of the placement group the host runs in (orchestration/cluster.py gives each replica
-        tensor_parallel consecutive bundles of one GPU, and the host none)."""
-        return {"TRTLLM_RAY_BUNDLE_INDICES": ",".join(str(b) for b in bundles), "TRTLLM_RAY_PER_WORKER_GPUS": "1"}
+        tensor_parallel consecutive bundles of one GPU, and the host nothing). TensorRT-LLM's Ray executor
+        hands the host's environment on to its workers."""
+        return {"TRTLLM_RAY_BUNDLE_INDICES": ",".join(str(b) for b in bundles), "TRTLLM_RAY_PER_WORKER_GPUS": "1",
+                # The model loader copies on the caller's stream (no thread pool): a refit bucket's views are
+                # read before its receive buffer is reused (NeMo-RL's TensorRT-LLM extension sets it too).
+                "TRT_LLM_DISABLE_LOAD_WEIGHTS_IN_PARALLEL": "True"}
 
     @classmethod
     def from_spec(cls, spec: EngineSpec) -> "TrtllmEngine":
