@@ -35,7 +35,9 @@ class EngineHost:
         in_actor = ctx is not None and ctx.get_actor_id() is not None  # also built in-process (tests, tools)
         self.stale = in_actor and _was_restarted(ctx)
         self.incarnation = uuid.uuid4().hex  # new in every process Ray starts for this replica
-        self.refit = RefitReceiver()
+        # An engine whose rank workers are the refit group's members (trtllm) receives there; others here.
+        own = getattr(self.engine, "refit_receiver", None)
+        self.refit = own() if own is not None else RefitReceiver()
 
     def load_weights(self, version: int, *buckets: dict) -> int:
         """Refit: Ray resolves each bucket ObjectRef argument to a zero-copy view; copy it in place. With no

@@ -21,7 +21,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 
 from actors.engine_host import StaleWeights
-from actors.engines import EngineSpec
+from actors.engines import EngineSpec, engine_class
 from actors.generator import GeneratorActor
 from actors.judges import judge_backend
 from actors.judges.protocol import JudgeSpec
@@ -89,11 +89,21 @@ def connect(cluster: ClusterConfig, *, judges: bool = True, learner: bool = True
     return True
 
 
-def engine_actor(cls, *, num_cpus: float, num_gpus: float, max_restarts: int = 0, scheduling_strategy=None):
+def engine_actor(cls, *, num_cpus: float, num_gpus: float, max_restarts: int = 0, scheduling_strategy=None,
+                 env: dict[str, str] | None = None):
     """The Ray actor class of an engine host: a "health" thread for pings, restartable (in its bundle)."""
+    extra = {"runtime_env": {"env_vars": env}} if env else {}
     return ray.remote(concurrency_groups={"health": 1})(cls).options(
         num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0,
-        scheduling_strategy=scheduling_strategy)
+        scheduling_strategy=scheduling_strategy, **extra)
+
+
+def engine_layout(spec: EngineSpec) -> tuple[int, Callable[[list[int]], dict[str, str]] | None]:
+    """(ranks per replica, bundle indices -> the host's environment) for an engine whose ranks are Ray
+    actors of its own (its class has `bundle_env`, e.g. trtllm); (0, None) for an engine that runs inside
+    its host actor."""
+    bundle_env = getattr(engine_class(spec.kind), "bundle_env", None)
+    return (spec.tensor_parallel, bundle_env) if bundle_env is not None else (0, None)
 
 
 @dataclass
@@ -109,6 +119,7 @@ class EnginePool:
     restarts: list[int] = field(default_factory=list)
     version: int = 0  # the weight version every replica must serve
     weight_refs: tuple = ()  # the buckets of `version` (empty: the weights the replicas were created with)
+    ranks_per_replica: int = 1  # ranks each replica takes in a collective refit group (trtllm: tensor_parallel)
     # How a restarted replica gets `version` when the pool keeps no buckets (the collective transport sets
     # it: orchestration/refit.py); None: load `weight_refs`.
     restore: Callable[["EnginePool", int], None] | None = None
@@ -318,7 +329,17 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoo
                 learner: LearnerSpec | None = None, log=print) -> Pools:
     """Reserve a placement group per pool, then start the generator pool, and the judge pool and learner
     group when given their specs. PlacementError (with the numbers) when the cluster cannot hold them."""
-    wanted = placement.requests(cluster, judges=judges is not None, learner=learner is not None)
+    # Engines whose ranks are Ray actors of their own (trtllm) get one bundle per rank (engine_layout).
+    layouts = {"cluster.generators": engine_layout(gen_engine)}
+    if judges is not None and judges.engine is not None:
+        layouts["cluster.judges"] = engine_layout(judges.engine)
+    engines = [gen_engine] + ([judges.engine] if judges is not None and judges.engine is not None else [])
+    for kind in dict.fromkeys(spec.kind for spec in engines):  # what an engine cannot promise, in the run log
+        warning = getattr(engine_class(kind), "START_WARNING", None)
+        if warning:
+            log(f"[run] warning: {warning}")
+    wanted = placement.requests(cluster, judges=judges is not None, learner=learner is not None,
+                                engine_ranks={key: ranks for key, (ranks, _) in layouts.items() if ranks})
     if not cluster.wait_for_autoscaler:
         placement.check_fits(wanted, *placement.cluster_capacity())
     groups: dict[str, object] = {}
@@ -330,8 +351,16 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoo
         raise
 
     def replicas(cls, pool, key: str, *args) -> list:
-        return [engine_actor(cls, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=cluster.max_restarts,
-                             scheduling_strategy=placement.in_bundle(groups[key], i)).remote(*args)
+        ranks, bundle_env = layouts.get(key, (0, None))
+        if not ranks:
+            return [engine_actor(cls, num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, max_restarts=cluster.max_restarts,
+                                 scheduling_strategy=placement.in_bundle(groups[key], i)).remote(*args)
+                    for i in range(pool.replicas)]
+        # The host takes nothing of its bundles: its engine's rank workers (one GPU and one CPU each, Ray's
+        # default for an actor that asks for a GPU) and their helpers take bundles i*ranks .. i*ranks+ranks-1.
+        return [engine_actor(cls, num_cpus=0, num_gpus=0, max_restarts=cluster.max_restarts,
+                             scheduling_strategy=placement.in_bundle(groups[key], i * ranks, capture_children=True),
+                             env=bundle_env(list(range(i * ranks, (i + 1) * ranks)))).remote(*args)
                 for i in range(pool.replicas)]
 
     generators = replicas(GeneratorActor, cluster.generators, "cluster.generators", gen_engine)
@@ -342,10 +371,12 @@ def start_pools(cluster: ClusterConfig, gen_engine: EngineSpec, judges: JudgePoo
         judge_actors = replicas(entry.actor_class(), cluster.judges, "cluster.judges", *args)
         follows = entry.follows_policy
         judge_version = judges.engine.weight_version if judges.engine is not None else 0
+    ranks = {key: max(1, r) for key, (r, _) in layouts.items()}
     pools = Pools(EnginePool("generator", generators, cluster.max_restarts, cluster.health_check_timeout_s, log,
-                             version=gen_engine.weight_version),
+                             version=gen_engine.weight_version, ranks_per_replica=ranks["cluster.generators"]),
                   EnginePool("judge", judge_actors, cluster.max_restarts, cluster.health_check_timeout_s, log,
-                             follows_policy=follows, version=judge_version),
+                             follows_policy=follows, version=judge_version,
+                             ranks_per_replica=ranks.get("cluster.judges", 1)),
                   None, cluster.health_check_interval_s, cluster.health_check_timeout_s, list(groups.values()))
     if learner is not None:
         try:

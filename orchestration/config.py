@@ -231,6 +231,9 @@ class EngineConfig:
     # GPU's total memory on CUDA, 2 GB on CPU
     kv_cache_memory_gb: Optional[float] = None
     gpu_memory_fraction: float = 0.3
+    # GPUs inside one engine replica (trtllm only): its bundle holds them, so cluster.generators.num_gpus
+    # (and cluster.judges.num_gpus for a local judge engine) must equal it
+    tensor_parallel: int = 1
 
 
 @dataclass
@@ -464,10 +467,30 @@ def _validate_engine(cfg: Config) -> None:
 
     if cfg.engine.kind not in ENGINES:
         raise ConfigError(f"engine.kind={cfg.engine.kind!r} is not one of: {', '.join(ENGINES)}")
+    tp = cfg.engine.tensor_parallel
+    # trtllm's ranks (even one) are GPU workers, one GPU each, in their replica's bundles (the torch engine
+    # runs in its host actor and refuses tensor_parallel > 1 itself, below).
+    if cfg.engine.kind == "trtllm":
+        from actors.judges import JUDGE_BACKENDS
+
+        pools = {"cluster.generators": cfg.cluster.generators}
+        entry = JUDGE_BACKENDS.get(cfg.judge.backend)
+        if cfg.algorithm.name in JUDGED and entry is not None and entry.local_engine:
+            pools["cluster.judges"] = cfg.cluster.judges
+        for key, pool in pools.items():
+            if pool.num_gpus != tp:
+                raise ConfigError(f"engine.kind={cfg.engine.kind} with engine.tensor_parallel={tp} runs {tp} GPU "
+                                  f"worker(s) per engine replica, but {key}.num_gpus={pool.num_gpus:g}: set it to {tp}")
+            # Each rank's bundle gets the pool's num_cpus; its worker holds one CPU (Ray's default for an
+            # actor that asks for a GPU), so a bundle with less never places it.
+            if pool.num_cpus < 1:
+                raise ConfigError(f"engine.kind={cfg.engine.kind}: each GPU worker holds one CPU of its bundle, but "
+                                  f"{key}.num_cpus={pool.num_cpus:g}: set it to at least 1")
     try:
         spec = EngineSpec("", kind=cfg.engine.kind, options=dict(cfg.engine.options or {}),
                           kv_cache_memory_gb=cfg.engine.kv_cache_memory_gb,
-                          gpu_memory_fraction=cfg.engine.gpu_memory_fraction)  # their ranges: EngineSpec
+                          gpu_memory_fraction=cfg.engine.gpu_memory_fraction,
+                          tensor_parallel=cfg.engine.tensor_parallel)  # their ranges: EngineSpec
         engine_class(cfg.engine.kind).check_spec(spec)
     except (ValueError, ImportError) as e:
         raise ConfigError(str(e)) from None

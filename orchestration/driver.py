@@ -356,7 +356,8 @@ def _engine_specs(cfg: Config, weights: _Weights) -> tuple[EngineSpec, EngineSpe
     c = cfg.cluster
     engine = dict(model_dir=weights.engines, dtype=cfg.model.dtype, max_seq_len=cfg.model.max_seq_len,
                   weight_version=weights.version, kind=cfg.engine.kind, options=dict(cfg.engine.options or {}),
-                  kv_cache_memory_gb=cfg.engine.kv_cache_memory_gb, gpu_memory_fraction=cfg.engine.gpu_memory_fraction)
+                  kv_cache_memory_gb=cfg.engine.kv_cache_memory_gb, gpu_memory_fraction=cfg.engine.gpu_memory_fraction,
+                  tensor_parallel=cfg.engine.tensor_parallel)
     return (EngineSpec(**engine, device="cuda" if c.generators.num_gpus > 0 else "cpu",
                        max_batch_size=c.generators.max_batch_size),
             EngineSpec(**engine, device="cuda" if c.judges.num_gpus > 0 else "cpu",

@@ -41,9 +41,16 @@ class PoolRequest:
         return f"{self.name}: {self.count} x ({self.num_cpus:g} CPU, {self.num_gpus:g} GPU{extra}), {self.strategy}"
 
 
-def requests(cluster: ClusterConfig, *, judges: bool, learner: bool) -> list[PoolRequest]:
+def requests(cluster: ClusterConfig, *, judges: bool, learner: bool,
+             engine_ranks: dict[str, int] | None = None) -> list[PoolRequest]:
+    """`engine_ranks`: pool key -> ranks per replica of an engine whose ranks are Ray actors of their own
+    (trtllm): such a replica gets that many consecutive bundles, its GPUs split one share per bundle."""
+    ranks = engine_ranks or {}
+
     def request(key: str, pool, count: int) -> PoolRequest:
-        return PoolRequest(key, count, pool.num_cpus, pool.num_gpus, pool.strategy, tuple(sorted((pool.resources or {}).items())))
+        r = ranks.get(key, 1)
+        return PoolRequest(key, count * r, pool.num_cpus, pool.num_gpus / r, pool.strategy,
+                           tuple(sorted((pool.resources or {}).items())))
 
     out = [request("cluster.generators", cluster.generators, cluster.generators.replicas)]
     if judges:
@@ -95,8 +102,10 @@ def reserve(pool: PoolRequest, timeout_s: float):
     return pg
 
 
-def in_bundle(pg, index: int) -> PlacementGroupSchedulingStrategy:
-    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+def in_bundle(pg, index: int, capture_children: bool = False) -> PlacementGroupSchedulingStrategy:
+    """`capture_children`: the actor's own tasks and actors (an engine's rank workers) stay in `pg` too."""
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index,
+                                            placement_group_capture_child_tasks=capture_children)
 
 
 def release(groups: list) -> None:

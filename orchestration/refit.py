@@ -102,10 +102,10 @@ class CollectiveRefit:
                      f"the teardown of refit group {self.generation}")
         host, port = learner.refit_address()
         self.generation += 1
-        size = 1 + len(engines)
+        first, size = member_ranks([pool.ranks_per_replica for pool, _ in engines])
         joins = [learner.join_refit_group(self.generation, size, self.backend)]
         joins += [pool.call(i, "join_refit_group", host, port, self.generation, rank, size, self.backend)
-                  for rank, (pool, i) in enumerate(engines, start=1)]
+                  for rank, (pool, i) in zip(first, engines)]
         dtypes = self._gather(joins, f"the set-up of refit group {self.generation}")[1:]
         # Send in the engines' dtype (half the bytes of float32 master weights); mixed engines cast on unpack.
         self.wire_dtype = dtypes[0] if len(set(dtypes)) == 1 else None
@@ -123,8 +123,9 @@ class CollectiveRefit:
             except ValueError as e:  # a layout that does not fit this engine's model: nothing was sent
                 raise RefitFailed(f"{pool.name} replica {i} rejected the refit layout: {one_line(e)}") from None
         self.bucket_bytes, self.intact = bucket_bytes, True
+        ranks = sum(pool.ranks_per_replica for pool, _ in engines)
         self.log(f"[refit] {self.backend} group {self.generation}: learner rank 0 + {len(engines)} engine "
-                 f"replica(s), {len(layout)} bucket(s) of up to {bucket_bytes / 2**20:g} MiB, "
+                 f"replica(s) ({ranks} rank(s)), {len(layout)} bucket(s) of up to {bucket_bytes / 2**20:g} MiB, "
                  f"{sum(b['nbytes'] for b in layout) / 1e6:.1f} MB in {self.wire_dtype or 'the learner dtypes'}")
 
     def restore(self, pool: EnginePool, replica: int) -> None:
@@ -197,3 +198,13 @@ class CollectiveRefit:
                                         f"({one_line(e)}); the other members cannot finish the collective "
                                         "without it, so the run stops: resume from the last checkpoint") from None
         return ray.get(refs)
+
+
+def member_ranks(ranks_per_replica: list[int]) -> tuple[list[int], int]:
+    """(each replica's first rank, the group's size) for replicas taking these many ranks each, in order
+    after the source (rank 0): a replica with tensor-parallel workers takes one rank per worker."""
+    first, next_rank = [], 1
+    for n in ranks_per_replica:
+        first.append(next_rank)
+        next_rank += n
+    return first, next_rank

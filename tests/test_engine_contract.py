@@ -23,7 +23,11 @@ from refit_wire import bucket_layout, pack_entries, pack_tensors
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.fixture(scope="module", params=list(ENGINES))
+# trtllm runs where TensorRT-LLM imports (a GPU machine with `selfreward[trtllm]`): `-m trtllm` selects it.
+KINDS = [pytest.param(k, marks=pytest.mark.trtllm) if k == "trtllm" else k for k in ENGINES]
+
+
+@pytest.fixture(scope="module", params=KINDS)
 def kind(request) -> str:
     """Each registered engine kind; skipped where its package is missing (but not where ours is broken)."""
     try:
@@ -311,3 +315,28 @@ def test_flat_buckets_load_in_place_and_the_caller_sets_the_version(kind, checkp
     assert all(r.weight_version == 3 for r in results)
     if wire_dtype is None:
         assert [r.token_ids for r in results] == [hf_greedy(other, p, 4) for p in PROMPTS]
+
+
+# ----------------------------------------------------------------------------- parity with torch
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_tokens_and_a_refit_match_the_torch_engine(kind, checkpoints, family):
+    """Every engine gives the torch engine's greedy tokens, before and after the same refit (a round trip
+    of another model's weights through buckets), and exports those weights back under the same names."""
+    if kind == "torch":
+        pytest.skip("the reference itself")
+    path, _ = checkpoints[family]
+    ours, reference = build(kind, path, max_batch_size=4), build("torch", path, max_batch_size=4)
+    assert [r.token_ids for r in run(ours, PROMPTS, greedy(16))] == [r.token_ids for r in run(reference, PROMPTS, greedy(16))]
+    other = random_model(family, seed=77)
+    named = {n: t.detach() for n, t in other.named_parameters()}
+    for engine in (ours, reference):
+        engine.load_weights([pack_tensors(named)], version=2)
+    after = run(ours, PROMPTS, greedy(16))
+    assert [r.token_ids for r in after] == [r.token_ids for r in run(reference, PROMPTS, greedy(16))]
+    assert all(r.weight_version == 2 for r in after)
+    exported = ours.named_parameters_hf()
+    assert set(exported) == set(reference.named_parameters_hf())
+    for name, value in exported.items():
+        torch.testing.assert_close(value.cpu().float(), named[name].float(), atol=0, rtol=0)

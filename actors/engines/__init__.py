@@ -7,6 +7,7 @@ A new engine is one module with a class that satisfies `Engine` (including `from
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -16,6 +17,7 @@ from .protocol import Engine
 # not installed must not break importing this package or building the other engines.
 ENGINES: dict[str, str] = {
     "torch": "actors.engines.torch_engine:TorchEngine",
+    "trtllm": "actors.engines.trtllm_engine:TrtllmEngine",  # TensorRT-LLM: pip install 'selfreward[trtllm]'
 }
 
 # Default context cap (tokens) when the spec asks for none. Engines preallocate a KV cache for every slot at
@@ -48,6 +50,7 @@ class EngineSpec:
     # gpu_memory_fraction of the GPU's total memory on CUDA, DEFAULT_CPU_KV_CACHE_GB elsewhere.
     kv_cache_memory_gb: float | None = None
     gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION
+    tensor_parallel: int = 1  # GPUs (ranks) inside one replica; engines that run on one refuse more
     # Engine-specific settings (for torch: max_prefill_tokens, cuda_graphs, decode_kernel), checked by the
     # engine: a key it does not take is an error, not silently ignored.
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -58,6 +61,8 @@ class EngineSpec:
             raise ValueError(f"engine.kv_cache_memory_gb must be > 0 (GB) or null (the device's default), got {gb!r}")
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise ValueError(f"engine.gpu_memory_fraction must be in (0, 1], got {fraction!r}")
+        if type(self.tensor_parallel) is not int or self.tensor_parallel < 1:
+            raise ValueError(f"engine.tensor_parallel must be a positive integer, got {self.tensor_parallel!r}")
 
 
 def context_length(model_dir: str, requested: int | None) -> int:
@@ -84,14 +89,20 @@ def check_options(spec: EngineSpec, known: Iterable[str]) -> None:
 
 def engine_class(kind: str) -> type:
     """The class registered for `kind`, imported now. ValueError for an unknown kind; ImportError (its `name`
-    the missing module) when the engine's package is not installed."""
+    the missing module) when the engine's package is not installed: an import that fails, or a class whose
+    REQUIRES = (module, install command) names a module that is not there (its module imports without it)."""
     if kind not in ENGINES:
         raise ValueError(f"engine.kind={kind!r} is not a known engine; known: {', '.join(ENGINES)}")
     module, _, cls = ENGINES[kind].partition(":")
     try:
-        return getattr(importlib.import_module(module), cls)
+        found = getattr(importlib.import_module(module), cls)
     except ImportError as e:
         raise ImportError(f"engine.kind={kind!r} cannot be used here: {e}", name=e.name) from e
+    required, install = getattr(found, "REQUIRES", (None, ""))
+    if required is not None and importlib.util.find_spec(required) is None:
+        raise ImportError(f"engine.kind={kind!r} cannot be used here: it needs the {required} package, "
+                          f"which is not installed: {install}", name=required)
+    return found
 
 
 def make_engine(spec: EngineSpec) -> Engine:

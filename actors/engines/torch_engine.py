@@ -53,6 +53,9 @@ class TorchEngine:
 
     @classmethod
     def check_spec(cls, spec: EngineSpec) -> None:
+        if spec.tensor_parallel != 1:
+            raise ValueError(f"engine.tensor_parallel={spec.tensor_parallel}: the torch engine runs a replica on one "
+                             "device; tensor parallelism inside a replica is engine.kind=trtllm's")
         check_options(spec, cls.OPTIONS)
         for key, value in spec.options.items():
             valid, wanted = cls.OPTIONS[key]
