@@ -36,6 +36,7 @@ class OnlineIterations:
             batcher.restore(state["batcher"])
             pipeline.counters.meta_too_long = state["meta_too_long"]
             sched = Schedule.from_state(state["streaming"])
+            sched.submitted = sched.released  # the chunks in flight at the checkpoint are submitted again
             weights.load(Path(self._resume.path) / WEIGHTS_DIR)
             # The replicas were created with the checkpoint's learner weights, which are not the version
             # they must serve unless the checkpoint's step published it: load it (nothing is in flight).
