@@ -231,7 +231,7 @@ class RolloutPipeline:
                 continue
             except RayError as e:  # failed in the replica's own code (out of memory, a bug): stop, say where
                 raise call.pool.call_failed(call.replica, call.stage, e) from None
-            if call.version is not None and call.pool.follows_policy and self.weights is not None:
+            if self._versioned(call):
                 value, seconds = value
                 self.counters.refit_loads += seconds is not None
                 self.counters.refit_wait_s += seconds or 0.0
@@ -255,13 +255,17 @@ class RolloutPipeline:
     def _issue(self, chunk: _Chunk, call: _Call) -> None:
         if call.issued is None:
             call.issued = time.perf_counter()
-        if call.version is not None and call.pool.follows_policy and self.weights is not None:
+        if self._versioned(call):
             # The replica loads this version first if it serves another one (engine_host.call_at).
             call.ref = call.pool.call(call.replica, "call_at", call.version, call.stage, call.args,
                                       *self.weights.refs(call.version))
         else:
             call.ref = call.pool.call(call.replica, call.stage, *call.args)
         chunk.call = call
+
+    def _versioned(self, call: _Call) -> bool:
+        """Whether `call` goes through call_at: streaming refits, to a pool that follows the policy."""
+        return call.version is not None and call.pool.follows_policy and self.weights is not None
 
     def _next_judge(self) -> int:
         self._judge_calls += 1
