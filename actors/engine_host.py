@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 import warnings
 
@@ -48,6 +49,17 @@ class EngineHost:
             raise ValueError(f"no weights given for version {version}; this replica has {self.engine.weight_version}")
         self.stale = False
         return self.engine.weight_version
+
+    def call_at(self, version: int, method: str, args: tuple, *buckets: dict):
+        """Streaming refits: run `method(*args)` at weight `version`, first loading `buckets` (that version's)
+        if this replica serves another one. The swap happens between calls, never inside one, so every
+        response and judgement is made by one version. Returns (result, seconds spent loading or None)."""
+        seconds = None
+        if self.stale or self.engine.weight_version != version:
+            start = time.perf_counter()
+            self.load_weights(version, *buckets)
+            seconds = time.perf_counter() - start
+        return getattr(self, method)(*args), seconds
 
     def export_weights(self, bucket_bytes: int) -> tuple[int, list]:
         """(version, bucket refs) of the weights served now, for a restarted peer replica to load (the

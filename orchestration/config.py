@@ -70,6 +70,11 @@ class AlgorithmConfig:
     meta_max_relative_pcnt: float = 0.4  # a chosen-score class may hold at most this share of judge pairs
     rollout_batch_size: int = 16  # prompts per generation call to one replica
     max_prompts_ahead: int = 256  # prompts in flight ahead of the learner (bounds buffered pairs)
+    # Streaming refits (docs/streaming.md): the pools take the learner's weights every N optimizer steps inside
+    # an iteration; null = at iteration boundaries only (the papers' iterative scheme).
+    refit_every_steps: Optional[int] = None
+    max_policy_lag: Optional[int] = None  # most versions a pair may lag the learner when trained; older: dropped
+    reference_update: str = "iteration"  # iteration: pi_ref = M_t | initial: pi_ref = the starting model, always
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -303,6 +308,7 @@ CHOICES = {
     "learner.dtype": ("float32", "bfloat16", "float16"),
     "learner.sharding": ("ddp", "fsdp2"),
     "cluster.refit_transport": ("auto", "nccl", "gloo", "object_store"),
+    "algorithm.reference_update": ("iteration", "initial"),
 }
 
 
@@ -386,6 +392,7 @@ def validate(cfg: Config) -> None:
                 "global_batch_size", "micro_batch_size", "rollout_batch_size", "max_prompts_ahead"):
         if getattr(a, key) < 1:
             raise ConfigError(f"algorithm.{key} must be >= 1, got {getattr(a, key)}")
+    _validate_streaming(a)
     if a.max_steps < -1 or a.max_steps == 0:
         raise ConfigError(f"algorithm.max_steps must be -1 (no cap) or >= 1, got {a.max_steps}")
     if a.num_responses_to_gen < 2 and a.name in JUDGED:
@@ -616,6 +623,18 @@ def _validate_spin(a: AlgorithmConfig) -> None:
         if getattr(a, key):
             raise ConfigError(f"algorithm.{key}=true is a Self-Rewarding option; SPIN trains on the "
                               "ground-truth answers from the first iteration")
+
+
+def _validate_streaming(a: AlgorithmConfig) -> None:
+    if a.refit_every_steps is not None and (isinstance(a.refit_every_steps, bool) or a.refit_every_steps < 1):
+        raise ConfigError(f"algorithm.refit_every_steps must be null (iteration boundaries only) or >= 1, "
+                          f"got {a.refit_every_steps}")
+    if a.max_policy_lag is not None:
+        if a.max_policy_lag < 0:
+            raise ConfigError(f"algorithm.max_policy_lag must be null (no bound) or >= 0, got {a.max_policy_lag}")
+        if a.refit_every_steps is None:
+            raise ConfigError("algorithm.max_policy_lag bounds the lag of streaming refits: it needs "
+                              "algorithm.refit_every_steps (without it every pair is trained at lag 0)")
 
 
 def refit_transport(cfg: Config) -> str:

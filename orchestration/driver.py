@@ -104,7 +104,7 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
     try:
         log(f"[run] starting pools: {cfg.cluster.generators.replicas} generator(s), "
             f"{cfg.cluster.judges.replicas if judged else 0} judge(s), {cfg.cluster.learner.workers} learner worker(s)")
-        weights = _weights(setup.model_dir, resume)
+        weights = _weights(setup.model_dir, resume, cfg.algorithm.reference_update)
         gen_engine, judges, learner = _specs(cfg, weights, setup.renderer.stop_strings)
         if judged and cfg.judge.backend == "triton":
             try:  # before the pools: a remote judge that is not there stops the run with its URL, not Ray's trace
@@ -208,12 +208,14 @@ class _Weights:
     version: int = 0
 
 
-def _weights(model_dir: Path, resume: Checkpoint | None) -> _Weights:
+def _weights(model_dir: Path, resume: Checkpoint | None, reference_update: str = "iteration") -> _Weights:
     if resume is None:
         return _Weights(str(model_dir), engines=str(model_dir))
     st, path = resume.state, str(resume.path)
     if st["phase"] == "end":  # past the boundary: M_{t+1} is policy, reference and what the pools serve
-        return _Weights(path, None, path, path, st["weight_version"] + 1)
+        # (algorithm.reference_update=initial: the reference stays the one the checkpoint names)
+        reference = None if reference_update == "iteration" else st["reference"]
+        return _Weights(path, reference, path, path, st["weight_version"] + 1)
     return _Weights(path, st["reference"], path, st["reference"], st["weight_version"])
 
 

@@ -33,6 +33,8 @@ from ..faults import crash_point
 from ..refit import refit
 from ..rollout import PromptRecord, RolloutPipeline, ScoredPrompt
 from ..stopping import StopRequested, Stopper
+from ..streaming import WEIGHTS_DIR
+from .online import OnlineIterations
 
 GENERATION_TABLE_COLUMNS = ("step", "prompt", "chosen", "rejected", "chosen_score", "rejected_score")
 GENERATION_TABLE_ROWS = 4  # pairs of the latest batch shown at each validation
@@ -77,6 +79,11 @@ class IterationSummary:
     agreement_sum: float = 0.0  # sum over preference steps of the learner's `acc`
     agreement_steps: int = 0
     judge_pair_batches: int | None = None  # steps whose batch held a judge pair; None: no meta-judge
+    # Streaming refits (algorithm.refit_every_steps): pairs dropped as too stale, and the lag of trained pairs.
+    stale_pairs_dropped: int = 0
+    lag_sum: int = 0
+    lag_pairs: int = 0
+    lag_max: int = 0
 
     def row(self) -> dict:
         s = self.stats
@@ -115,7 +122,7 @@ class IterationSummary:
         return IterationSummary(**{**d, "stats": OutcomeStats(**d["stats"])})
 
 
-class IterativeAlgorithm:
+class IterativeAlgorithm(OnlineIterations):
     def __init__(self, cfg: Config, ctx: RunContext, pools: Pools, *, checkpoints: Checkpoints,
                  reference_dir: str, stopper: Stopper | None = None, resume: Checkpoint | None = None):
         self.cfg, self.ctx, self.pools = cfg, ctx, pools
@@ -270,9 +277,10 @@ class IterativeAlgorithm:
             self._judgement_log = []
 
     def _boundary(self, checkpoint: Path) -> None:
-        """M_{t+1} becomes the reference and what the pools serve."""
-        self.pools.learner.update_reference()
-        self.reference_dir = str(checkpoint)
+        """M_{t+1} becomes what the pools serve and (algorithm.reference_update=iteration) the reference."""
+        if self.cfg.algorithm.reference_update == "iteration":
+            self.pools.learner.update_reference()
+            self.reference_dir = str(checkpoint)
         if self.cfg.algorithm.reset_optimizer_each_iteration:
             self.pools.learner.reset_optimizer()
         self.version += 1
@@ -297,7 +305,15 @@ class IterativeAlgorithm:
             state["batcher"] = self._batcher.state() if self._batcher is not None else None
             state["meta_too_long"] = self._pipeline_now.counters.meta_too_long if self._pipeline_now else 0
             state["extra"] = self._extra_state()
-        return self.checkpoints.save(name, self.pools.learner.save, state)
+        streaming = self._streaming_state() if phase == "mid" else None
+        if streaming is None:
+            return self.checkpoints.save(name, self.pools.learner.save, state)
+        state["streaming"], versions = streaming
+
+        def write(directory: str) -> None:  # the learner's files and the weight versions a resume still serves
+            self.pools.learner.save(directory)
+            self._weights.save(Path(directory) / WEIGHTS_DIR, versions)
+        return self.checkpoints.save(name, write, state)
 
     def _restore(self) -> tuple[int, dict | None]:
         """(first iteration to run, the mid-iteration state to continue from or None)."""
@@ -310,7 +326,8 @@ class IterativeAlgorithm:
         self.reference_dir = st["reference"]
         if st["phase"] == "end":  # the boundary after this checkpoint was crossed by the driver's setup
             self.version = st["weight_version"] + 1
-            self.reference_dir = str(self._resume.path)
+            if self.cfg.algorithm.reference_update == "iteration":
+                self.reference_dir = str(self._resume.path)
             return st["iteration"] + 1, None
         self.version = st["weight_version"]
         return st["iteration"], st
@@ -331,8 +348,12 @@ class IterativeAlgorithm:
 
     def _streaming_iteration(self, summary: IterationSummary, state: dict | None) -> None:
         """Prompts flow through the pipeline into exact global batches; one learner step runs at a time
-        while later prompts are generated."""
+        while later prompts are generated. With algorithm.refit_every_steps the pools also follow the
+        learner inside the iteration (algorithms/online.py)."""
         a = self.cfg.algorithm
+        if a.refit_every_steps is not None:
+            self._online_iteration(summary, state)
+            return
         it = summary.iteration
         loss_cfg = self._loss_config(it)
         skip = state["position"]["released"] if state else 0
@@ -359,16 +380,7 @@ class IterativeAlgorithm:
                 if not pipeline.submit_next():
                     break
             for scored in pipeline.pop_ready():
-                for outcome in self._outcomes(scored, summary):
-                    batcher.add(outcome)
-                    if outcome.sample is None and outcome.reason:
-                        summary.bad_reasons[outcome.reason] = summary.bad_reasons.get(outcome.reason, 0) + 1
-                room = JUDGEMENT_TABLE_ROWS - len(self._judgement_log)
-                if room > 0:
-                    self._judgement_log += self._judgement_rows(scored)[:room]
-                self._watch(summary)
-                progress.update(1)
-                progress.set_postfix_str(self._progress_text(summary, pipeline), refresh=False)
+                self._take_scored(scored, summary, batcher, pipeline, progress)
             if in_training is None and not stopping and batcher.ready() and not self._steps_exhausted():
                 batch = batcher.pop()
                 in_training = (self.pools.learner.train_step_async(batch.samples, loss_cfg), batch,
@@ -405,6 +417,20 @@ class IterativeAlgorithm:
             self.ctx.log(f"[iteration {it}] {summary.unused_pairs} pairs left over (fewer than "
                          f"global_batch_size={a.global_batch_size}) are not trained on")
         self._pipeline_now = self._batcher = None
+
+    def _take_scored(self, scored: ScoredPrompt, summary: IterationSummary, batcher: GlobalBatcher,
+                     pipeline: RolloutPipeline, progress) -> None:
+        """A released prompt's outcomes into the batcher, with its counts, judgement rows and progress."""
+        for outcome in self._outcomes(scored, summary):
+            batcher.add(outcome)
+            if outcome.sample is None and outcome.reason:
+                summary.bad_reasons[outcome.reason] = summary.bad_reasons.get(outcome.reason, 0) + 1
+        room = JUDGEMENT_TABLE_ROWS - len(self._judgement_log)
+        if room > 0:
+            self._judgement_log += self._judgement_rows(scored)[:room]
+        self._watch(summary)
+        progress.update(1)
+        progress.set_postfix_str(self._progress_text(summary, pipeline), refresh=False)
 
     def _sft_iteration(self, summary: IterationSummary, state: dict | None) -> None:
         """Plain supervised fine-tuning on the ground-truth answers (Self-Rewarding's first_iteration_sft)."""
@@ -486,7 +512,7 @@ class IterativeAlgorithm:
         return ", ".join(parts)
 
     def _log_step(self, metrics: dict, batch: Batch, summary: IterationSummary, step_time: float,
-                  window: float, pipeline: RolloutPipeline, loss_cfg: LossConfig) -> None:
+                  window: float, pipeline: RolloutPipeline, loss_cfg: LossConfig, extra: dict | None = None) -> None:
         self.step += 1
         self.consumed += len(batch.samples)
         summary.steps += 1
@@ -526,6 +552,8 @@ class IterativeAlgorithm:
         if len(self.pools.judges):
             row["train/judge_tokens_per_s"] = judge_tokens / window
         row["train/actor_restarts"] = self.pools.actor_restarts
+        if extra:
+            row.update(extra)
         self._table_rows = [[self.step, o.prompt_text, o.chosen_text, o.rejected_text, o.sample.chosen_score,
                              o.sample.rejected_score] for o in batch.outcomes[:GENERATION_TABLE_ROWS]]
         self._emit(row)

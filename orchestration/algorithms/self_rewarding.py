@@ -150,14 +150,16 @@ class SelfRewarding(IterativeAlgorithm):
 
     def _outcomes(self, scored: ScoredPrompt, summary: IterationSummary) -> list[PromptOutcome]:
         rho = per_iteration(self.cfg.algorithm.length_control, summary.iteration)
-        # Inside an iteration every response, and every judgement of a judge that follows the policy, comes
-        # from M_t; a fixed judge's judgements, and every verifier's, say so.
-        judge_version = self.version if self.pools.judges.follows_policy else FIXED
+        # Every response, and every judgement of a judge that follows the policy, comes from the prompt's
+        # version: M_t of the iteration, or with streaming refits the version its chunk was scheduled at; a
+        # fixed judge's judgements, and every verifier's, say so.
+        version = self.version if scored.version is None else scored.version
+        judge_version = version if self.pools.judges.follows_policy else FIXED
         judged = [j for j in scored.judgements if j and j.verifier is None]
         verified = [j for j in scored.judgements if j and j.verifier is not None]
         versions = ({("response", r.weight_version) for r in scored.responses}
                     | {("judgement", j.weight_version) for j in judged} | {("verifier", j.weight_version) for j in verified})
-        expected = ({("response", self.version)} | ({("judgement", judge_version)} if judged else set())
+        expected = ({("response", version)} | ({("judgement", judge_version)} if judged else set())
                     | ({("verifier", FIXED)} if verified else set()))
         if versions != expected:
             raise WrongWeightVersion(f"prompt {scored.record.index} was served by weight versions "
@@ -192,7 +194,7 @@ class SelfRewarding(IterativeAlgorithm):
         judge_sample = self._judge_pair(scored, stats)
         summary.stats += stats
         outcome = PromptOutcome(stats, epoch=scored.record.epoch, prompt_text=scored.record.user_text,
-                                reason=selection.reason, judge_sample=judge_sample)
+                                reason=selection.reason, judge_sample=judge_sample, version=version)
         if selection.is_pair:
             c, r = selection.chosen, selection.rejected
             outcome.sample = TrainSample(scored.record.prompt_ids, list(candidates[c].token_ids),
