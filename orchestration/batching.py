@@ -33,6 +33,8 @@ class OutcomeStats:
     meta_verdicts: int = 0  # meta-judge comparisons asked
     meta_valid_verdicts: int = 0  # ... that named a winner
     judge_pairs: int = 0  # judge pairs accepted (Meta-Rewarding)
+    judge_pairs_checked: int = 0  # ... whose two scores could be checked against ground truth (toy world)
+    judge_pairs_right: int = 0  # ... whose chosen judgement's score is nearer the truth than the rejected one's
     judge_checked: int = 0  # judgements whose score could be checked against ground truth (toy world)
     judge_correct: int = 0
     # Per scoring source (LLM_SOURCE for the LLM judge, else the verifier's name): SOURCE_COUNTS of the responses

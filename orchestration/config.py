@@ -128,6 +128,9 @@ class JudgeConfig:
     meta_template: str = "default"  # the meta-judge prompt: {prompt} {response} {judgement_a} {judgement_b}
     meta_reward_regex: str = DEFAULT_META_REGEX  # the verdict: its first group, A or B
     meta_max_new_tokens: Optional[int] = None  # the meta-judge's answer length; None = judge.sampling's
+    # the meta-judge's temperature; None = judge.sampling's. 0 (greedy) makes it the judge's mode: a judgement
+    # that disagrees with it is more often a sampling slip than a better reading (docs/meta_rewarding.md)
+    meta_temperature: Optional[float] = None
     sampling: JudgeSamplingConfig = field(default_factory=JudgeSamplingConfig)
     model: JudgeModelConfig = field(default_factory=JudgeModelConfig)  # judge.backend=model
     triton: JudgeTritonConfig = field(default_factory=JudgeTritonConfig)  # judge.backend=triton
@@ -447,6 +450,8 @@ def validate(cfg: Config) -> None:
                           "and so of steps, is not known in advance)")
     if cfg.judge.score_low >= cfg.judge.score_high:
         raise ConfigError(f"judge.score_low={cfg.judge.score_low} must be below judge.score_high={cfg.judge.score_high}")
+    if cfg.judge.meta_temperature is not None and cfg.judge.meta_temperature < 0:
+        raise ConfigError(f"judge.meta_temperature must be >= 0 (0 = greedy) or null, got {cfg.judge.meta_temperature}")
     if cfg.model.path is None and cfg.model.name != "toy":
         raise ConfigError(f"model.name={cfg.model.name!r} has no built-in model: set model.path to a Hugging Face checkpoint directory")
     if cfg.model.path is not None and not (Path(cfg.model.path).expanduser() / "config.json").is_file():

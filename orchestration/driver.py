@@ -399,7 +399,7 @@ def _specs(cfg: Config, weights: _Weights, end_of_turn: tuple[str, ...]):
         meta_template = judge_templates.resolve("judge.meta_template", cfg.judge.meta_template)
     judge = JudgeSpec(template=judge_templates.resolve("judge.template", cfg.judge.template),
                       meta_template=meta_template, meta_reward_regex=cfg.judge.meta_reward_regex,
-                      meta_max_new_tokens=cfg.judge.meta_max_new_tokens,
+                      meta_max_new_tokens=cfg.judge.meta_max_new_tokens, meta_temperature=cfg.judge.meta_temperature,
                       sampling=sampling_params(cfg.judge.sampling.resolve(cfg.algorithm.sampling), judge_stops),
                       reward_regex=cfg.judge.reward_regex, score_match=cfg.judge.score_match,
                       score_low=cfg.judge.score_low, score_high=cfg.judge.score_high, chat_template=chat_template,

@@ -18,6 +18,7 @@ COLUMNS = (
     ("pairs_trained", "pairs", "{}"),
     ("judge_pairs", "judge pairs", "{}"),
     ("judge_pair_batch_share", "jp batches", "{:.1%}"),
+    ("judge_pair_accuracy", "jp right", "{:.1%}"),
     ("verified_share", "verified", "{:.1%}"),
     ("verifier_score", "verifier score", "{:.2f}"),
     ("steps", "steps", "{}"),

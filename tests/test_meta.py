@@ -91,3 +91,37 @@ def test_score_class_balance():
     # and the third (1 of 2); the later 4 (1 of 3) and 5 (1 of 4) are below the share and admitted.
     assert decisions == [True, False, True, False, True, True, True, True]
     assert balance.counts == {5: 2, 4: 2, 3: 1, 2: 1}
+
+
+class _CharTokenizer:
+    """Characters as token ids: enough of a tokenizer for LLMJudge's prompt building and decoding."""
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt, chat_template):
+        return messages[0]["content"]
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+@pytest.mark.parametrize("meta_temperature,expected", [(None, 0.7), (0.0, 0.0), (0.3, 0.3)])
+def test_the_meta_judge_samples_at_its_own_temperature_and_length(meta_temperature, expected):
+    from actors.engines.protocol import GenerationResult, SamplingParams
+    from actors.judges.llm import LLMJudge
+    from actors.judges.protocol import JudgeSpec, MetaItem
+
+    seen = []
+
+    def generate(requests):
+        seen.extend(requests)
+        return [GenerationResult([ord(c) for c in "Winner: Judgement B"], "stop", 0) for _ in requests]
+
+    spec = JudgeSpec(template="{prompt} {response}", sampling=SamplingParams(temperature=0.7, max_new_tokens=96),
+                     meta_template="{prompt}|{response}|{judgement_a}|{judgement_b}", meta_max_new_tokens=40,
+                     meta_temperature=meta_temperature)
+    out = LLMJudge(spec, _CharTokenizer(), 1000, generate).meta_judge([MetaItem("q", "r", "a", "b", seed=3)])
+    assert out.verdicts == ["B"]
+    assert [(r.sampling.temperature, r.sampling.max_new_tokens) for r in seen] == [(expected, 40)]
+    assert spec.sampling.temperature == 0.7  # the judge's own sampling is left as it was

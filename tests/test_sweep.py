@@ -130,6 +130,22 @@ def test_all_complete_starts_no_run_and_writes_the_outputs(tmp_path, monkeypatch
     assert md.strip() in capsys.readouterr().out
 
 
+def test_a_rerun_with_other_overrides_into_the_same_output_dir_is_refused(tmp_path, capsys):
+    """A finished run made with other overrides must not be reported under the new command."""
+    out, started = tmp_path / "sweep", []
+    first = plan(("self_rewarding",), (1,), out, ["model.toy.bootstrap_steps=900"])
+    ex = Executor(first, parallel=1, log=lambda _: None, launcher=fake_launcher({first[0].name: "ok"}, started))
+    assert [o.status for o in ex.execute()] == ["complete"]
+    code = main(["seeds=1", "algorithms=[self_rewarding]", f"output_dir={out}", "model.toy.bootstrap_steps=1500"])
+    err = capsys.readouterr().err
+    assert code == 2 and "started with other arguments" in err
+    assert "model.toy.bootstrap_steps=900" in err and "model.toy.bootstrap_steps=1500" in err
+    assert not (out / "sweep.json").exists()
+    # the same overrides again: the finished run counts, nothing starts
+    assert main(["seeds=1", "algorithms=[self_rewarding]", f"output_dir={out}", "model.toy.bootstrap_steps=900"]) == 0
+    assert started == ["self_rewarding seed 1"] and (out / "sweep.json").exists()
+
+
 def test_png_is_written(tmp_path):
     finished = load_finished(write_runs(tmp_path))
     for name, data in (("runs.png", finished), ("empty.png", {})):

@@ -33,7 +33,7 @@ from orchestration.config import ConfigError, sampling_params
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-TOY_CONTEXT = 256  # configs/model/toy.yaml's model.max_seq_len: the local judge's context
+TOY_CONTEXT = 256  # the judge context of these tests, server and local alike (the toy model takes up to 384)
 
 
 def free_ports(n: int) -> list[int]:

@@ -107,6 +107,8 @@ class LLMJudge:
         sampling = self.spec.sampling
         if self.spec.meta_max_new_tokens is not None:
             sampling = dataclasses.replace(sampling, max_new_tokens=self.spec.meta_max_new_tokens)
+        if self.spec.meta_temperature is not None:
+            sampling = dataclasses.replace(sampling, temperature=self.spec.meta_temperature)
         budget = self.max_seq_len - sampling.max_new_tokens
         requests, owners = [], []
         for i, item in enumerate(items):

@@ -44,6 +44,7 @@ class JudgeSpec:
     meta_template: str | None = None  # with {prompt} {response} {judgement_a} {judgement_b}; None = no meta-judge
     meta_reward_regex: str = DEFAULT_META_REGEX
     meta_max_new_tokens: int | None = None  # the meta-judge's answer length; None = sampling.max_new_tokens
+    meta_temperature: float | None = None  # the meta-judge's temperature (0 = greedy); None = sampling.temperature
     follows_policy: bool = True  # the judge is M_t (refit with the generators); False: fixed weights
 
 

@@ -105,6 +105,7 @@ class IterationSummary:
             "bad_sample_rate": s.bad_samples / s.prompts if s.prompts else None,
             "reward_agreement": self.agreement_sum / self.agreement_steps if self.agreement_steps else None,
             "judge_pairs": s.judge_pairs if s.judgements else None,
+            "judge_pair_accuracy": s.judge_pairs_right / s.judge_pairs_checked if s.judge_pairs_checked else None,
             "verified_share": verified / s.judged_responses if verified else None,
             "verifier_score": verifier_sum / verifier_scored if verifier_scored else None,
             "judge_pair_batch_share": (self.judge_pair_batches / self.steps

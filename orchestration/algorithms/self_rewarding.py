@@ -219,6 +219,11 @@ class SelfRewarding(IterativeAlgorithm):
             return None
         stats.judge_pairs += 1
         chosen, rejected = m.judgements[choice.chosen], m.judgements[choice.rejected]
+        oracle = self.ctx.evaluator.judge_truth if self.ctx.evaluator else None
+        truth = oracle(scored.record.metadata, scored.texts[m.response]) if oracle else None
+        if truth is not None:  # toy world: is the meta-judge's choice the judgement nearer the true score?
+            stats.judge_pairs_checked += 1
+            stats.judge_pairs_right += abs(j.scores[chosen] - truth) < abs(j.scores[rejected] - truth)
         return TrainSample(list(j.prompt_ids), list(j.token_ids[chosen]), list(j.token_ids[rejected]),
                            j.scores[chosen], j.scores[rejected])
 

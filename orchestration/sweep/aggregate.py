@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 # The row figures aggregated when present (keys other engineers add later are picked up here by name).
 METRICS = ("task_accuracy", "heldout_judge_accuracy", "judge_accuracy", "judge_parse_rate", "top_score_share",
            "chosen_length", "rejected_length", "reward_agreement", "judge_pair_batch_share", "judge_pairs",
+           "judge_pair_accuracy",
            "pairs_trained", "bad_sample_rate")
 GAIN_KEYS = ("task_accuracy", "heldout_judge_accuracy")
 GAIN_THRESHOLD = 0.05  # a seed "gains" when its final model beats M1 by at least this much (5 points)

@@ -126,5 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     from .job import sweep  # imports the driver (and Ray) only once the arguments are good
+    from .runs import SweepConflict
 
-    return sweep(args, "python -m orchestration.sweep" + (" " + shlex.join(argv) if argv else ""))
+    try:
+        return sweep(args, "python -m orchestration.sweep" + (" " + shlex.join(argv) if argv else ""))
+    except SweepConflict as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 from .aggregate import aggregate
 from .args import SweepArgs
 from .report import markdown, plot
-from .runs import Executor, Launcher, Outcome, Run, load_finished, plan, wall_seconds
+from .runs import Executor, Launcher, Outcome, Run, check_same_args, load_finished, plan, wall_seconds
 
 JSON_NAME, MD_NAME, PNG_NAME = "sweep.json", "sweep.md", "sweep_accuracy.png"
 
@@ -17,6 +17,7 @@ JSON_NAME, MD_NAME, PNG_NAME = "sweep.json", "sweep.md", "sweep_accuracy.png"
 def sweep(args: SweepArgs, command: str, log: Callable[[str], None] = print, launcher: Launcher | None = None) -> int:
     """Run what is unfinished, write the outputs from every finished run; the exit code (see USAGE)."""
     runs = plan(args.algorithms, args.seeds, args.output_dir, args.overrides)
+    check_same_args(runs)
     log(f"[sweep] {len(runs)} runs: seeds {', '.join(map(str, args.seeds))} x {', '.join(args.algorithms)}, "
         f"{args.parallel} at a time; outputs in {args.output_dir}")
     executor = Executor(runs, args.parallel, log=log, launcher=launcher)

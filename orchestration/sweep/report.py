@@ -21,6 +21,7 @@ COLUMNS = (
     ("pairs_trained", "pairs", False),
     ("judge_pairs", "judge pairs", False),
     ("judge_pair_batch_share", "jp batches", True),
+    ("judge_pair_accuracy", "jp right", True),
 )
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")  # one per algorithm
 GAIN_TITLES = {"task_accuracy": "task acc gain", "heldout_judge_accuracy": "judge acc gain"}

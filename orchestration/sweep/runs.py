@@ -24,6 +24,7 @@ from ..driver import COMPLETE_MARKER
 LOG_NAME = "sweep.log"
 TIME_NAME = "sweep_time.json"  # wall seconds the sweep spent on a run, summed over its attempts
 LOCK_NAME = ".sweep.lock"  # held by a run's process for as long as it lives
+ARGS_NAME = "sweep_args.json"  # the run's arguments (its command without the interpreter), from its first start
 TAIL_LINES = 12
 POLL_S = 0.2
 
@@ -49,6 +50,37 @@ class Run:
 
     def complete(self) -> bool:
         return self.marker.is_file()
+
+    @property
+    def args(self) -> list[str]:
+        return list(self.command[1:])  # the interpreter's path may differ between machines; the rest may not
+
+
+def record_args(run: Run) -> None:
+    """Write the run's arguments at its first start (check_same_args compares later sweeps with them)."""
+    run.directory.mkdir(parents=True, exist_ok=True)
+    if not (run.directory / ARGS_NAME).exists():
+        (run.directory / ARGS_NAME).write_text(json.dumps(run.args))
+
+
+class SweepConflict(ValueError):
+    """A run directory holds a run made with other arguments than this sweep would give it."""
+
+
+def check_same_args(runs: Sequence[Run]) -> None:
+    """Refuse to resume (or count as finished) a run that was started with other arguments: a rerun with new
+    overrides into the same output_dir would otherwise report the old runs' figures under the new command."""
+    for r in runs:
+        try:
+            recorded = json.loads((r.directory / ARGS_NAME).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as e:
+            raise SweepConflict(f"{r.directory / ARGS_NAME}: unreadable ({e}); it records the run's arguments") from None
+        if recorded != r.args:
+            raise SweepConflict(
+                f"{r.directory} holds {r.name} started with other arguments:\n  recorded: {shlex.join(recorded)}\n"
+                f"  now:      {shlex.join(r.args)}\nuse another output_dir, or rerun with the recorded overrides")
 
 
 def run_dir(output_dir: Path, algorithm: str, seed: int) -> Path:
@@ -184,6 +216,7 @@ class Executor:
                     started += 1
                     self.log(f"[sweep] start {nxt.name} (run {started} of {total}); log {nxt.log}")
                     try:
+                        record_args(nxt)
                         self._active[nxt] = _Child(self.launcher(nxt, env), time.monotonic())
                     except RunBusy as e:
                         self.log(f"[sweep] {nxt.name} not started: {e}")
