@@ -1,6 +1,7 @@
 """Test-session setup: Ray stays on loopback with no usage stats; one toy-world cache per session."""
 
 import os
+from pathlib import Path
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -26,7 +27,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def toy_cache(tmp_path_factory):
-    """A toy-world cache shared by the end-to-end tests (the bootstrap runs once per session)."""
+    """A toy-world cache shared by the end-to-end tests (the bootstrap runs once per session). With
+    SELFREWARD_TEST_CACHE set, that directory instead, so a developer's reruns skip the bootstrap: a world is
+    found there only under its recipe's hash, so a changed recipe is built again, never reused."""
+    if os.environ.get("SELFREWARD_TEST_CACHE"):
+        path = Path(os.environ["SELFREWARD_TEST_CACHE"])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     return tmp_path_factory.mktemp("toy_cache")
 
 

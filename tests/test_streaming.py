@@ -66,7 +66,9 @@ def test_versions_are_recorded_and_the_lag_stays_within_the_bound_with_a_slow_re
 
     # The same run with one of two generator replicas stopped again and again (a slow replica): the schedule
     # is decided from the data, so every number and every weight comes out the same.
-    proc = start(overrides(toy_cache, tmp_path, "cluster.health_check_interval_s=60", "cluster.generators.replicas=2"))
+    proc = start(overrides(toy_cache, tmp_path, "cluster.health_check_interval_s=60", "cluster.generators.replicas=2",
+                       # two replicas in the test session's 4 CPUs (with the judge and 2 learner workers)
+                       "cluster.generators.num_cpus=0.5"))
     stop = threading.Event()
 
     def slow_down():
