@@ -266,6 +266,9 @@ class WandbConfig:
 @dataclass
 class CheckpointConfig:
     keep_last: Optional[int] = None  # step checkpoints kept (newest first); None = all. Iteration ends are kept.
+    # Record what the pools return before it is used, so a resumed run replays it (orchestration/rollout_journal.py):
+    # auto = with an engine that does not promise batch-invariant sampling (trtllm); true; false.
+    record_rollouts: str = "auto"
 
 
 @dataclass
@@ -434,6 +437,8 @@ def validate(cfg: Config) -> None:
     for pool in ("generators", "judges"):
         if getattr(cfg.cluster, pool).replicas < 1:
             raise ConfigError(f"cluster.{pool}.replicas must be >= 1")
+    if str(cfg.checkpoint.record_rollouts).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"checkpoint.record_rollouts must be auto, true or false, got {cfg.checkpoint.record_rollouts!r}")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1 or null (keep all), got {cfg.checkpoint.keep_last}")
     if cfg.cluster.max_restarts < 0:

@@ -17,7 +17,7 @@ import ray
 from omegaconf import OmegaConf
 from ray.exceptions import RayError
 
-from actors.engines import EngineSpec, context_length
+from actors.engines import EngineSpec, context_length, engine_class
 from actors.judges.llm import vocab_digest
 from actors.judges.protocol import JudgeSpec
 from actors.judges.triton import RemoteJudgeFailed, TritonSpec, probe
@@ -39,6 +39,7 @@ from .data import JsonlDataset
 from .metrics import MetricsLogger
 from .refit import COLLECTIVE_BACKENDS, use_collective
 from .resumable_output import ResumableJsonl
+from .rollout_journal import JOURNAL_DIR, RolloutJournal, rollout_fingerprint
 from .stopping import StopRequested, Stopper
 from .report import format_table
 
@@ -69,6 +70,19 @@ def run(cfg: Config, log=print) -> RunResult:
         return _run(cfg, log, start, stopper)
     finally:
         stopper.uninstall()
+
+
+def _journal(cfg: Config, out: Path, log) -> RolloutJournal | None:
+    """checkpoint.record_rollouts: auto records with an engine that does not promise batch-invariant sampling
+    (a resumed run would otherwise get other samples for the prompts it generates again)."""
+    wanted = str(cfg.checkpoint.record_rollouts).lower()
+    if wanted == "auto":
+        wanted = "false" if getattr(engine_class(cfg.engine.kind), "BATCH_INVARIANT", True) else "true"
+    if wanted != "true":
+        return None
+    log(f"[run] recording what the pools return in {out / JOURNAL_DIR} (checkpoint.record_rollouts), so a "
+        "resumed run replays it")
+    return RolloutJournal(out, rollout_fingerprint(cfg), log)
 
 
 def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
@@ -126,7 +140,7 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
         ctx = _context(cfg, setup, metrics, log)
         algorithm = (Spin if cfg.algorithm.name == "spin" else SelfRewarding)(
             cfg, ctx, pools, checkpoints=checkpoints, reference_dir=str(setup.model_dir), stopper=stopper,
-            resume=resume)
+            resume=resume, journal=_journal(cfg, out, log))
         summaries = algorithm.run()
         if ctx.long_prompts:
             metrics.log({"data/long_prompts_dropped": len(ctx.long_prompts)}, algorithm.step)

@@ -31,6 +31,7 @@ from . import meta
 from .cluster import RECOVERABLE
 from .faults import crash_point
 from .judge_metrics import CallLatency
+from .rollout_journal import RolloutJournal, chunk_key
 
 
 def derive_seed(*parts: object) -> int:
@@ -89,6 +90,7 @@ class _Call:
     ref: object = None
     issued: float | None = None  # perf_counter at the first issue: the call's latency (judge_metrics)
     version: int | None = None  # streaming refits: the weight version the replica must serve for this call
+    replayed: bool = False  # its result came from the rollout journal, not from the pool
 
 
 @dataclass
@@ -102,6 +104,7 @@ class _Chunk:
     scored: list[ScoredPrompt] = field(default_factory=list)
     result: list[ScoredPrompt] | None = None
     verified: dict[int, Judgement] = field(default_factory=dict)  # judged-response position -> verifier's judgement
+    key: tuple | None = None  # with a rollout journal: what its calls are recorded under
 
     @property
     def waiting_on(self):
@@ -183,6 +186,9 @@ class RolloutPipeline:
         # Streaming refits (orchestration/streaming.py): a WeightVersions; every call to a pool that follows the
         # policy then names its chunk's version and carries that version's buckets. None: the pools' weights.
         self.weights = None
+        # checkpoint.record_rollouts: every call's result is recorded before it is used, and a call recorded by
+        # an earlier (killed) run of the same configuration is answered from the record (rollout_journal.py).
+        self.journal: RolloutJournal | None = None
 
     # ---- driving -----------------------------------------------------------------------------------
 
@@ -201,6 +207,8 @@ class RolloutPipeline:
         if not records:
             return False
         chunk = _Chunk(records, version)
+        if self.journal is not None:
+            chunk.key = chunk_key(self.iteration, records, version)
         requests = [GenerationRequest(r.prompt_ids, self.sampling,
                                       derive_seed(self.seed, self.iteration, r.index, j, "gen"))
                     for r in records for j in range(self.n)]
@@ -235,6 +243,8 @@ class RolloutPipeline:
                 value, seconds = value
                 self.counters.refit_loads += seconds is not None
                 self.counters.refit_wait_s += seconds or 0.0
+            if self.journal is not None and not call.replayed:
+                self.journal.record(chunk.key, call.stage, value)
             if call.stage in self.latency:
                 self.latency[call.stage].add(time.perf_counter() - call.issued)
             {"generate": self._start_judging, "judge": self._collect_judgements,
@@ -255,6 +265,12 @@ class RolloutPipeline:
     def _issue(self, chunk: _Chunk, call: _Call) -> None:
         if call.issued is None:
             call.issued = time.perf_counter()
+        if self.journal is not None:
+            call.replayed, value = self.journal.get(chunk.key, call.stage)
+            if call.replayed:  # through the object store, so that it is waited on and taken as a pool's result
+                call.ref = ray.put((value, None) if self._versioned(call) else value)
+                chunk.call = call
+                return
         if self._versioned(call):
             # The replica loads this version first if it serves another one (engine_host.call_at).
             call.ref = call.pool.call(call.replica, "call_at", call.version, call.stage, call.args,

@@ -98,6 +98,23 @@ def test_killed_at_every_kind_of_point_resumes_bit_for_bit(reference_run, toy_ca
     assert not [n for n in names if n.endswith((".partial", ".old", ".tmp"))]
 
 
+def test_with_the_rollout_journal_a_resumed_run_replays_what_the_stopped_run_got(reference_run, toy_cache,
+                                                                                tmp_path):
+    # checkpoint.record_rollouts (on by itself with trtllm): killed after the step-4 checkpoint, with later
+    # chunks judged and recorded; the resumed run takes those from the journal, not from the pools.
+    ref_out, _ = reference_run
+    args = overrides(toy_cache, tmp_path, "checkpoint.record_rollouts=true")
+    code, log = finish(start(args, "step:6"))
+    assert code == -signal.SIGKILL, log[-3000:]
+    assert "recording what the pools return" in log
+    code, log = finish(start(args))
+    assert code == 0, log[-3000:]
+    assert "answered from the rollout journal" in log
+    assert metric_rows(tmp_path) == metric_rows(ref_out)
+    assert_same_weights(weights(tmp_path), weights(ref_out))
+    assert not list((tmp_path / "rollout_journal").glob("iter_*"))  # ended iterations' entries are dropped
+
+
 def ray_processes(kind: str, busy: bool = False) -> list[int]:
     """PIDs of Ray worker processes running actors of `kind` (their process title is ray::<kind>, and
     ray::<kind>.<method> while a call runs)."""

@@ -141,7 +141,7 @@ def test_spin_streams_every_step(ray_session, toy_cache, tmp_path):
     run(load_config(["algorithm=spin", f"output_dir={out}", f"model.toy.cache_dir={toy_cache}",
                      "logger.wandb.mode=disabled", *TOY_TEST_OVERRIDES, "algorithm.global_batch_size=8",
                      "algorithm.micro_batch_size=4", "algorithm.limit_train_batches=4",
-                     "algorithm.rollout_batch_size=8", "algorithm.max_prompts_ahead=8",
+                     "algorithm.rollout_batch_size=8", "algorithm.max_prompts_ahead=16",
                      "algorithm.refit_every_steps=1", "algorithm.reference_update=initial"]))
     steps = [r for r in metric_rows(out) if "train/loss" in r]
     per_iteration = {}
@@ -152,4 +152,6 @@ def test_spin_streams_every_step(ray_session, toy_cache, tmp_path):
         assert versions == list(range(versions[0], versions[0] + len(versions))), versions
     # the version published after iteration 0's last step, then the boundary's M_2
     assert per_iteration[1][0] == per_iteration[0][-1] + 2
-    assert max(r["train/policy_lag_max"] for r in steps) > 0
+    # two chunks of look-ahead: each chunk is one step's pairs, so the second is a version behind (with one
+    # chunk ahead every chunk would wait for the version it trains at, and nothing would lag)
+    assert max(r["train/policy_lag_max"] for r in steps) == 1

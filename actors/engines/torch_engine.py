@@ -43,6 +43,9 @@ LOGITS_CHUNK = 1024  # rows per lm_head call in `score`, bounding the [rows, voc
 
 
 class TorchEngine:
+    # A sampled sequence's tokens depend only on its seed, never on the rest of the batch (sampling.py), so a
+    # resumed run regenerates in-flight prompts exactly and needs no rollout journal.
+    BATCH_INVARIANT = True
     # What EngineSpec.options may set (the keyword arguments of __init__ past the spec's own fields), with
     # the values each takes. `type(v) is` keeps True from passing as an int.
     OPTIONS = {

@@ -36,9 +36,9 @@ INSTALL = "pip install 'selfreward[trtllm]' --extra-index-url https://pypi.nvidi
 
 BATCH_VARIANCE_WARNING = (
     "engine.kind=trtllm: TensorRT-LLM does not promise that a sampled request's tokens depend only on its seed "
-    "(batch composition and scheduling may change them). Greedy requests are unaffected; a resumed run "
-    "regenerates the prompts that were in flight and may get other (equally valid) samples for them, so it "
-    "is not bit-identical to an uninterrupted run (docs/engines.md).")
+    "(batch composition and scheduling may change them). Greedy requests are unaffected. The run records what "
+    "the pools return before using it (checkpoint.record_rollouts=auto), so a resumed run replays the calls "
+    "the stopped one had made instead of sampling them again (docs/engines.md).")
 
 
 # ------------------------------------------------------------------------------------- sampling
@@ -270,6 +270,7 @@ class TrtllmEngine:
     }
     REQUIRES = (PACKAGE, INSTALL)  # actors.engines.engine_class refuses the kind when it does not import
     START_WARNING = BATCH_VARIANCE_WARNING  # logged by orchestration.cluster.start_pools, warned by each engine
+    BATCH_INVARIANT = False  # checkpoint.record_rollouts=auto turns the rollout journal on for this engine
 
     @classmethod
     def check_spec(cls, spec: EngineSpec) -> None:

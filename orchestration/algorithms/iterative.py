@@ -32,6 +32,7 @@ from ..errors import RunFailed
 from ..faults import crash_point
 from ..refit import refit
 from ..rollout import PromptRecord, RolloutPipeline, ScoredPrompt
+from ..rollout_journal import RolloutJournal
 from ..stopping import StopRequested, Stopper
 from ..streaming import WEIGHTS_DIR
 from .online import OnlineIterations
@@ -125,7 +126,8 @@ class IterationSummary:
 
 class IterativeAlgorithm(OnlineIterations):
     def __init__(self, cfg: Config, ctx: RunContext, pools: Pools, *, checkpoints: Checkpoints,
-                 reference_dir: str, stopper: Stopper | None = None, resume: Checkpoint | None = None):
+                 reference_dir: str, stopper: Stopper | None = None, resume: Checkpoint | None = None,
+                 journal: RolloutJournal | None = None):
         self.cfg, self.ctx, self.pools = cfg, ctx, pools
         self.sampling = sampling_params(cfg.algorithm.sampling, ctx.renderer.stop_strings)
         self.checkpoints = checkpoints
@@ -144,6 +146,7 @@ class IterativeAlgorithm(OnlineIterations):
         self._pipeline_now: RolloutPipeline | None = None
         self._sft_position = 0  # SFT iteration: prompts of the epoch order consumed by finished steps
         self._resume = resume
+        self._journal = journal  # checkpoint.record_rollouts: the pools' results, recorded before they are used
 
     # ---- what a subclass provides ----------------------------------------------------------------------
 
@@ -155,6 +158,12 @@ class IterativeAlgorithm(OnlineIterations):
     def _pipeline(self, iteration: int, skip: int) -> RolloutPipeline:
         """The iteration's pipeline over its records, the first `skip` of them left out (already released)."""
         raise NotImplementedError
+
+    def _open_pipeline(self, iteration: int, skip: int) -> RolloutPipeline:
+        pipeline = self._pipeline(iteration, skip)
+        pipeline.released = skip
+        pipeline.journal = self._journal
+        return pipeline
 
     def _outcomes(self, scored: ScoredPrompt, summary: IterationSummary) -> list[PromptOutcome]:
         """What one scored prompt contributes to the batches, in order."""
@@ -203,8 +212,12 @@ class IterativeAlgorithm(OnlineIterations):
                 self._table_rows = []
                 self._evaluate(summary)
             start = time.perf_counter()
+            replayed = self._journal.replayed if self._journal else 0
             self._iteration(summary, mid_state)
             mid_state = None
+            if self._journal and self._journal.replayed > replayed:
+                self.ctx.log(f"[iteration {it}] {self._journal.replayed - replayed} pool call(s) answered from the "
+                             f"rollout journal ({self._journal.root}), as the stopped run got them")
             summary.seconds += time.perf_counter() - start
             summary.val_loss = self._validate()
             # Before the iteration's checkpoint, which records metrics.jsonl's length: a run resumed from it
@@ -213,6 +226,8 @@ class IterativeAlgorithm(OnlineIterations):
             if summary.steps == 0 and not self._steps_exhausted():
                 raise NothingToTrain(self._nothing_trained_message(summary))
             path = self._save(f"iter_{it}", "end")
+            if self._journal:  # a resume never goes back into this iteration
+                self._journal.discard(it)
             summary.checkpoint = str(path)
             self.ctx.log(f"[iteration {it}] done: {summary.steps} steps, {summary.pairs_trained} pairs, "
                          f"checkpoint {path}")
@@ -358,8 +373,7 @@ class IterativeAlgorithm(OnlineIterations):
         it = summary.iteration
         loss_cfg = self._loss_config(it)
         skip = state["position"]["released"] if state else 0
-        pipeline = self._pipeline_now = self._pipeline(it, skip)
-        pipeline.released = skip
+        pipeline = self._pipeline_now = self._open_pipeline(it, skip)
         batcher = self._batcher = GlobalBatcher(a.global_batch_size, judge_pair_cap=self._judge_pair_cap())
         if state:
             batcher.restore(state["batcher"])

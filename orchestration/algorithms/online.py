@@ -27,8 +27,7 @@ class OnlineIterations:
         it = summary.iteration
         loss_cfg = self._loss_config(it)
         skip = state["position"]["released"] if state else 0
-        pipeline = self._pipeline_now = self._pipeline(it, skip)
-        pipeline.released = skip
+        pipeline = self._pipeline_now = self._open_pipeline(it, skip)
         batcher = self._batcher = GlobalBatcher(a.global_batch_size, judge_pair_cap=self._judge_pair_cap())
         weights = self._weights = pipeline.weights = WeightVersions()
         policy_pools = self.pools.policy_pools
