@@ -1,11 +1,14 @@
 """Benchmark 1: generator engine decode throughput (DESIGN.md "Performance targets").
 
-Llama-3.2-1B shape with random weights, bf16, 256 sequences, 128 prompt + 256 new tokens (greedy, no early
-stop), on one GPU: the torch engine against transformers `generate` on the same model in the same run, and
-against the memory roofline (weights + the KV cache read once per decode step, at the copy bandwidth
-measured here). Prints one table and the hardware.
+A model shape with random weights (benchmarks/shapes.py: llama-3.2-1b, the default, llama-3.1-8b,
+smollm2-135m, qwen2.5-0.5b), bf16, 256 sequences, 128 prompt + 256 new tokens (greedy, no early stop), on
+one GPU: the torch engine against transformers `generate` on the same model in the same run, and against
+the memory roofline (weights + the KV cache read once per decode step, at the copy bandwidth measured
+here). Prints the hardware and one table per shape.
 
     python benchmarks/engine_decode.py                 # on a GPU machine
+    python benchmarks/engine_decode.py --shape all     # the four shapes, one table each
+    python benchmarks/engine_decode.py --shape smollm2-135m qwen2.5-0.5b --skip-hf
     python benchmarks/engine_decode.py --skip-hf       # the engine only
     python benchmarks/engine_decode.py --sdpa          # also the engine with SDPA decode attention
 
@@ -26,25 +29,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+from benchmarks.shapes import SHAPES, hf_config, kv_bytes_per_token  # noqa: E402
 
 
-def build_model_dir(root: Path, dtype: torch.dtype) -> Path:
-    """A random Llama-3.2-1B-shaped checkpoint with a stand-in tokenizer and no end-of-sequence id."""
+def build_model_dir(root: Path, shape: str, dtype: torch.dtype) -> Path:
+    """A random checkpoint of `shape` with a stand-in tokenizer and no end-of-sequence id."""
     from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    path = root / "llama1b"
-    config = LlamaConfig(**LLAMA_1B, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    path = root / shape
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(hf_config(shape)).to(dtype)
     model.save_pretrained(path)
     vocab = {f"t{i}": i for i in range(1000)}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))
     tok.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
     return path
 
 
@@ -63,17 +65,17 @@ def copy_bandwidth(nbytes: int = 2 << 30, repeats: int = 20) -> float:
     return 2 * nbytes / statistics.median(times[3:])
 
 
-def roofline_tokens_per_s(batch: int, prompt: int, new: int, weight_bytes: int, bandwidth: float, bytes_per: int) -> float:
+def roofline_tokens_per_s(shape: str, batch: int, prompt: int, new: int, weight_bytes: int, bandwidth: float,
+                          bytes_per: int) -> float:
     """Each decode step reads every weight once and each sequence's KV cache so far once."""
-    c = LLAMA_1B
-    kv_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"]) * bytes_per
+    kv_per_token = kv_bytes_per_token(shape, bytes_per)
     seconds = sum((weight_bytes + batch * (prompt + t) * kv_per_token) / bandwidth for t in range(new))
     return batch * new / seconds
 
 
-def prompts(batch: int, length: int, seed: int = 1) -> list[list[int]]:
+def prompts(batch: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, 120000, (batch, length), generator=g).tolist()
+    return torch.randint(10, vocab, (batch, length), generator=g).tolist()
 
 
 def cuda_ms(fn, repeats: int = 50, warmup: int = 5) -> float:
@@ -174,27 +176,14 @@ def time_hf(model_dir: Path, ids: list[list[int]], new: int, dtype: torch.dtype,
     return statistics.median(times), tokens
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--sdpa", action="store_true", help="also time the engine with SDPA decode attention")
-    ap.add_argument("--profile", action="store_true", help="list the GPU kernels of a decode step")
-    args = ap.parse_args()
+def one_shape(shape: str, args, bandwidth: float) -> None:
     dtype = torch.bfloat16
-    props = torch.cuda.get_device_properties(0)
-    print(f"hardware: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; "
-          f"torch {torch.__version__}, CUDA {torch.version.cuda}")
-    bandwidth = copy_bandwidth()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model_dir(Path(tmp), dtype)
+        model_dir = build_model_dir(Path(tmp), shape, dtype)
         weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-        ids = prompts(args.batch, args.prompt)
-        roof = roofline_tokens_per_s(args.batch, args.prompt, args.new, weight_bytes, bandwidth, 2)
-        rows, notes = [], []
+        ids = prompts(args.batch, args.prompt, SHAPES[shape]["vocab_size"])
+        roof = roofline_tokens_per_s(shape, args.batch, args.prompt, args.new, weight_bytes, bandwidth, 2)
+        rows, agreement = [], []
         t_engine, tok_engine, notes = time_engine(model_dir, ids, args.new, "bfloat16", args.repeats,
                                                   bandwidth=bandwidth, profile=args.profile)
         rows.append(("torch engine", t_engine))
@@ -202,16 +191,19 @@ def main() -> None:
             t_sdpa, tok_sdpa, _ = time_engine(model_dir, ids, args.new, "bfloat16", args.repeats, decode_kernel=False)
             rows.append(("torch engine, SDPA decode", t_sdpa))
             same = sum(a[:16] == b[:16] for a, b in zip(tok_engine, tok_sdpa)) / len(ids)
-            print(f"greedy agreement, Triton vs SDPA decode attention (first 16 tokens): {same:.1%} of sequences")
+            agreement.append(f"greedy agreement, Triton vs SDPA decode attention (first 16 tokens): {same:.1%} "
+                             "of sequences")
         if not args.skip_hf:
             t_hf, tok_hf = time_hf(model_dir, ids, args.new, dtype, args.repeats)
             rows.append(("transformers generate", t_hf))
             # bf16 greedy paths diverge once two logits tie within rounding; compare the first 16 tokens
             same = sum(a[:16] == b[:16] for a, b in zip(tok_engine, tok_hf)) / len(ids)
-            print(f"greedy agreement with transformers (first 16 tokens): {same:.1%} of sequences")
+            agreement.append(f"greedy agreement with transformers (first 16 tokens): {same:.1%} of sequences")
     tokens = args.batch * args.new
-    print(f"\ncopy bandwidth {bandwidth / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
-          f"roofline {roof:,.0f} tokens/s ({args.batch} seqs, {args.prompt} prompt + {args.new} new, bf16)")
+    print(f"\n## {shape}: weights {weight_bytes / 1e9:.2f} GB; roofline {roof:,.0f} tokens/s ({args.batch} seqs, "
+          f"{args.prompt} prompt + {args.new} new, bf16, copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
+    for line in agreement:
+        print(line)
     print(f"| {'implementation':<26} | {'seconds':>8} | {'tokens/s':>10} | {'steps/s':>8} | {'of roofline':>11} |")
     print(f"|{'-' * 28}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 13}|")
     for name, seconds in rows:
@@ -221,6 +213,26 @@ def main() -> None:
           f"measured {1e3 * t_engine / args.new:.3f} ms per step (prefill included)")
     for line in notes:
         print(line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", nargs="+", default=["llama-3.2-1b"], choices=[*SHAPES, "all"],
+                    help="model shapes (benchmarks/shapes.py), or all")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--sdpa", action="store_true", help="also time the engine with SDPA decode attention")
+    ap.add_argument("--profile", action="store_true", help="list the GPU kernels of a decode step")
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    print(f"hardware: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; "
+          f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+    bandwidth = copy_bandwidth()
+    for shape in (list(SHAPES) if "all" in args.shape else args.shape):
+        one_shape(shape, args, bandwidth)
 
 
 if __name__ == "__main__":
