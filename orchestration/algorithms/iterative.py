@@ -401,28 +401,17 @@ class IterativeAlgorithm(OnlineIterations):
                 in_training = (self.pools.learner.train_step_async(batch.samples, loss_cfg), batch,
                                time.perf_counter())
                 crash_point("step")
-            # Only the ranks still busy: a finished rank's ref would make every wait return at once.
-            training = ray.wait(in_training[0], num_returns=len(in_training[0]), timeout=0)[1] if in_training else []
-            waitables = (pipeline.pending() if not self._steps_exhausted() and not stopping else []) + training
-            if not waitables and in_training is None:
+            over, metrics, failed = self._wait_round(pipeline, in_training, stopping)
+            if over:
                 break
-            # A step that has already finished is collected at once, not after the pipeline's next event.
-            ready = self.pools.wait(waitables, timeout_s=0.0 if in_training and not training else 1.0)
-            try:
-                pipeline.advance(ready)
-            except ReplicaFailed as e:  # finish the step in flight, checkpoint, then stop
-                failure = e
-            if in_training is not None:
-                refs, batch, started = in_training
-                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                raise_learner_failures(done)  # a dead worker leaves the others waiting in a collective
-                if len(done) == len(refs):
-                    metrics = ray.get(refs)[0]
-                    now = time.perf_counter()
-                    self._log_step(metrics, batch, summary, now - started, now - last_log, pipeline, loss_cfg)
-                    self._after_step()
-                    last_log = now
-                    in_training = None
+            failure = failed or failure
+            if metrics is not None:
+                _, batch, started = in_training
+                now = time.perf_counter()
+                self._log_step(metrics, batch, summary, now - started, now - last_log, pipeline, loss_cfg)
+                self._after_step()
+                last_log = now
+                in_training = None
         progress.close()
         self._flush_judgements(it)
         leftover, judge_left = batcher.drain()
@@ -432,6 +421,28 @@ class IterativeAlgorithm(OnlineIterations):
             self.ctx.log(f"[iteration {it}] {summary.unused_pairs} pairs left over (fewer than "
                          f"global_batch_size={a.global_batch_size}) are not trained on")
         self._pipeline_now = self._batcher = None
+
+    def _wait_round(self, pipeline: RolloutPipeline, in_training, stopping: bool):
+        """Wait for the next pipeline call or the step in training, and move the pipeline on: (nothing left to
+        wait for, the step's metrics once every rank has finished it, a pool failure to stop on)."""
+        # Only the ranks still busy: a finished rank's ref would make every wait return at once.
+        training = ray.wait(in_training[0], num_returns=len(in_training[0]), timeout=0)[1] if in_training else []
+        waitables = (pipeline.pending() if not self._steps_exhausted() and not stopping else []) + training
+        if not waitables and in_training is None:
+            return True, None, None
+        # A step that has already finished is collected at once, not after the pipeline's next event.
+        ready = self.pools.wait(waitables, timeout_s=0.0 if in_training and not training else 1.0)
+        failure = None
+        try:
+            pipeline.advance(ready)
+        except ReplicaFailed as e:  # the caller finishes the step in flight, checkpoints, then stops
+            failure = e
+        if in_training is None:
+            return False, None, failure
+        refs = in_training[0]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        raise_learner_failures(done)  # a dead worker leaves the others waiting in a collective
+        return False, (ray.get(refs)[0] if len(done) == len(refs) else None), failure
 
     def _take_scored(self, scored: ScoredPrompt, summary: IterationSummary, batcher: GlobalBatcher,
                      pipeline: RolloutPipeline, progress) -> None:

@@ -7,11 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import ray
 from tqdm import tqdm
 
 from ..batching import GlobalBatcher
-from ..cluster import ReplicaFailed, raise_learner_failures
 from ..faults import crash_point
 from ..streaming import WEIGHTS_DIR, Schedule, WeightVersions, publish
 
@@ -108,33 +106,24 @@ class OnlineIterations:
                 in_training = (self.pools.learner.train_step_async(formed.batch.samples, loss_cfg), formed,
                                time.perf_counter())
                 crash_point("step")
-            training = ray.wait(in_training[0], num_returns=len(in_training[0]), timeout=0)[1] if in_training else []
-            waitables = (pipeline.pending() if not self._steps_exhausted() and not stopping else []) + training
-            if not waitables and in_training is None:
+            over, metrics, failed = self._wait_round(pipeline, in_training, stopping)
+            if over:
                 break
-            ready = self.pools.wait(waitables, timeout_s=0.0 if in_training and not training else 1.0)
-            try:
-                pipeline.advance(ready)
-            except ReplicaFailed as e:  # finish the step in flight, checkpoint, then stop
-                failure = e
-            if in_training is not None:
-                refs, formed, started = in_training
-                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                raise_learner_failures(done)
-                if len(done) == len(refs):
-                    metrics = ray.get(refs)[0]
-                    now = time.perf_counter()
-                    extra = self._online_metrics(summary, formed, pipeline)
-                    version = sched.published_after(formed.step)
-                    if version is not None:  # before the step's checkpoint (in _after_step), which records it
-                        extra["train/refit_time_s"] = publish(self.pools, weights, version)
-                        self.version = version
-                        weights.keep(sched.needed() | {version})
-                    self._log_step(metrics, formed.batch, summary, now - started, now - last_log, pipeline, loss_cfg,
-                                   extra)
-                    self._after_step()
-                    last_log = now
-                    in_training = None
+            failure = failed or failure
+            if metrics is not None:
+                _, formed, started = in_training
+                now = time.perf_counter()
+                extra = self._online_metrics(summary, formed, pipeline)
+                version = sched.published_after(formed.step)
+                if version is not None:  # before the step's checkpoint (in _after_step), which records it
+                    extra["train/refit_time_s"] = publish(self.pools, weights, version)
+                    self.version = version
+                    weights.keep(sched.needed() | {version})
+                self._log_step(metrics, formed.batch, summary, now - started, now - last_log, pipeline, loss_cfg,
+                               extra)
+                self._after_step()
+                last_log = now
+                in_training = None
         progress.close()
 
     def _online_metrics(self, summary, formed, pipeline) -> dict:
