@@ -1,4 +1,4 @@
-"""engine.kind=trtllm without TensorRT-LLM: our side of the bridge (actors/engines/trtllm_engine.py). The
+"""engine.kind=trtllm without TensorRT-LLM: our side of the bridge (actors/engines/trtllm_engine.py, trtllm_mapping.py). The
 sampling and result mapping are held to the torch engine's behaviour on the same tokens, the score mapping to
 transformers, the refit layout check to the torch engine's, the name mapping to a round trip through
 TensorRT-LLM's fused and sharded layout; configuration, placement and refit ranks. What needs TensorRT-LLM
@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from actors.engines import ENGINES, EngineSpec, engine_class, make_engine
-from actors.engines.trtllm_engine import (
-    INSTALL, ModelShape, TrtllmEngine, check_layout_against, checkpoint_shapes, hf_from_engine, sampled_logprobs,
-    sampling_kwargs, score_from_logits, to_result,
+from actors.engines.trtllm_engine import TrtllmEngine
+from actors.engines.trtllm_mapping import (
+    INSTALL, ModelShape, check_layout_against, checkpoint_shapes, hf_from_engine, sampled_logprobs, sampling_kwargs,
+    score_from_logits, to_result,
 )
 from engine_models import COMMON, EOS, PROMPTS, greedy, random_model, run, sampled, save_checkpoints
 from orchestration.config import ConfigError, load_config

@@ -1,4 +1,4 @@
-"""Every call into TensorRT-LLM, for engine.kind=trtllm (actors/engines/trtllm_engine.py is our side).
+"""Every call into TensorRT-LLM, for engine.kind=trtllm (trtllm_engine.py and trtllm_mapping.py are our side).
 
 Written against the documented API of tensorrt-llm==1.2.1 (the LLM API with the PyTorch backend and the
 Ray orchestrator, `LLM._collective_rpc`, a `ray_worker_extension_cls`) and NOT run: no machine of this
@@ -25,7 +25,7 @@ from tensorrt_llm import SamplingParams as TrtSamplingParams
 from tensorrt_llm.llmapi import KvCacheConfig
 
 from actors.engines import EngineSpec
-from actors.engines.trtllm_engine import VERSION
+from actors.engines.trtllm_mapping import VERSION, check_layout_against
 
 EXTENSION = "actors.engines.trtllm_adapter.RefitWorkerExtension"
 
@@ -189,8 +189,6 @@ class _ModelSink:
         self.model_engine, self.shapes = model_engine, shapes
 
     def check_layout(self, layout) -> None:
-        from actors.engines.trtllm_engine import check_layout_against
-
         check_layout_against(layout, self.shapes)
 
     def load_flat_bucket(self, entry, data: torch.Tensor) -> None:
