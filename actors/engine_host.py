@@ -13,6 +13,7 @@ from refit_wire import pack_buckets
 
 from .engines import EngineSpec, make_engine
 from .engines.protocol import BucketLayout, GenerationRequest, GenerationResult, WeightBucket
+from .ipc_receiver import IpcReceiver
 from .refit_receiver import RefitReceiver
 
 
@@ -39,6 +40,7 @@ class EngineHost:
         # An engine whose rank workers are the refit group's members (trtllm) receives there; others here.
         own = getattr(self.engine, "refit_receiver", None)
         self.refit = own() if own is not None else RefitReceiver()
+        self.ipc = IpcReceiver()  # cluster.refit_transport=cuda_ipc: the learner's buffer, mapped once
 
     def load_weights(self, version: int, *buckets: dict) -> int:
         """Refit: Ray resolves each bucket ObjectRef argument to a zero-copy view; copy it in place. With no
@@ -91,6 +93,24 @@ class EngineHost:
         fails part way leaves mixed weights, so the replica refuses work until it gets whole ones."""
         self.stale = True
         self.refit.receive(self.engine)
+        self.engine.weight_version = version
+        self.stale = False
+        return self.engine.weight_version
+
+    def refit_dtype(self) -> str:
+        """The dtype the weights are held in (a refit source casts to it)."""
+        return self.spec.dtype
+
+    def check_ipc(self, export: dict) -> None:
+        """CUDA IPC refit set-up: map the learner's buffer and check its layout, loading nothing."""
+        self.ipc.map(self.engine, torch.device(self.spec.device), export)
+
+    def load_ipc(self, version: int, export: dict) -> int:
+        """CUDA IPC refit (actors/ipc_receiver.py): copy the learner's shared buffer in, then serve `version`.
+        A copy that fails part way leaves mixed weights, so the replica refuses work until it gets whole ones."""
+        self.ipc.map(self.engine, torch.device(self.spec.device), export)
+        self.stale = True
+        self.ipc.copy(self.engine, export)
         self.engine.weight_version = version
         self.stale = False
         return self.engine.weight_version

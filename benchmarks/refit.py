@@ -12,7 +12,13 @@ warm-up of:
 Before timing, one trained step is refit and the engine's weights are checked against the learner's.
 Prints one table and the hardware. Target: refit >= 70% of the copy bandwidth.
 
+--one-gpu: the one-GPU layout instead: learner and engine on halves of GPU 0; the reference is one copy of
+the same bytes within GPU 0 (`.clone()`), and the rows are `refit` end to end over cuda_ipc (learner packs
+into its shared buffer, the engine copies from it: two copies, so at most 50% of the reference) and over
+the object store (through host memory). Target: cuda_ipc >= 50% of the copy for the 1B shape.
+
     python benchmarks/refit.py                 # two GPUs (about a minute)
+    python benchmarks/refit.py --one-gpu       # one GPU: cuda_ipc against the object store
     python benchmarks/refit.py --cpu           # a tiny model over gloo on CPU: checks the script end to end
 """
 
@@ -44,7 +50,7 @@ TINY = dict(vocab_size=2048, hidden_size=256, intermediate_size=704, num_hidden_
 
 
 @ray.remote(max_calls=1)  # a fresh process: its CUDA memory goes back when it returns
-def prepare(root: str, shape: dict, cpu: bool, repeats: int) -> dict:
+def prepare(root: str, shape: dict, cpu: bool, repeats: int, one_gpu: bool = False) -> dict:
     """Save the random checkpoint (with a stand-in tokenizer); measure the copy for its byte count."""
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -64,11 +70,11 @@ def prepare(root: str, shape: dict, cpu: bool, repeats: int) -> dict:
     for _ in range(3 + repeats):
         _sync(cpu)
         t0 = time.perf_counter()
-        dst = src.clone() if cpu else src.to("cuda:1")
+        dst = src.clone() if cpu or one_gpu else src.to("cuda:1")
         _sync(cpu)
         times.append(time.perf_counter() - t0)
         del dst
-    return {"sent": sent, "nbytes": nbytes, "copy_s": times[3:], "hardware": _hardware(cpu)}
+    return {"sent": sent, "nbytes": nbytes, "copy_s": times[3:], "hardware": _hardware(cpu, one_gpu)}
 
 
 def _sync(cpu: bool) -> None:
@@ -77,11 +83,14 @@ def _sync(cpu: bool) -> None:
             torch.cuda.synchronize(d)
 
 
-def _hardware(cpu: bool) -> str:
+def _hardware(cpu: bool, one_gpu: bool = False) -> str:
     if cpu:
         return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (gloo); "
                 f"torch {torch.__version__}, ray {ray.__version__}")
     props = [torch.cuda.get_device_properties(d) for d in range(torch.cuda.device_count())]
+    if one_gpu:
+        return (f"1x {props[0].name}, {props[0].total_memory / 2**30:.0f} GiB; torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda}, ray {ray.__version__}")
     peer = torch.cuda.can_device_access_peer(0, 1)
     nccl = ".".join(map(str, torch.cuda.nccl.version()))
     return (f"{len(props)}x {props[0].name}, {props[0].total_memory / 2**30:.0f} GiB each, peer access "
@@ -182,14 +191,81 @@ def end_to_end(model_dir: str, bucket_sizes: list[int], backend: str, cpu: bool,
     return out
 
 
+def one_gpu_refits(model_dir: str, repeats: int, log) -> dict:
+    """Median seconds of `refit` over cuda_ipc and over the object store, learner and engine on one GPU,
+    after checking one refit of trained weights over cuda_ipc."""
+    from actors.engines import EngineSpec
+    from actors.generator import GeneratorActor
+    from learner.group import LearnerGroup, LearnerSpec
+    from learner.types import LossConfig, OptimConfig, TrainSample
+    from orchestration.cluster import EnginePool, Pools, engine_actor
+    from orchestration.ipc_refit import use_cuda_ipc
+    from orchestration.refit import refit
+
+    learner = LearnerGroup(LearnerSpec(model_dir=model_dir, optim=OptimConfig(lr=1e-3, micro_batch_size=1),
+                                       workers=1, num_cpus=1, num_gpus=0.5, dtype="bfloat16"))
+    spec = EngineSpec(model_dir=model_dir, device="cuda", dtype="bfloat16", max_batch_size=8, max_seq_len=256,
+                      kv_cache_memory_gb=1.0)
+    engine = engine_actor(GeneratorActor, num_cpus=1, num_gpus=0.5).remote(spec)
+    ray.get(engine.weight_version.remote())
+    pools = Pools(EnginePool("generator", [engine], 0, log=log), EnginePool("judge", [], 0), learner)
+    out, version = {}, 0
+    for transport in ("object_store", "cuda_ipc"):
+        t0 = time.perf_counter()
+        if transport == "cuda_ipc":
+            use_cuda_ipc(pools)
+        out[f"{transport} set-up"] = time.perf_counter() - t0
+        ray.get(learner.train_step_async([TrainSample([1, 2, 3], [4, 5], [6, 7])], LossConfig()))
+        before = ray.get(engine.weight_digest.remote())
+        version += 1
+        refit(pools, version)
+        after, trained = ray.get(engine.weight_digest.remote()), learner.weight_digest()
+        if after != trained or after == before:
+            raise SystemExit(f"{transport} refit check failed: the engine's weights are not the learner's trained ones")
+        times = []
+        for _ in range(2 + repeats):
+            version += 1
+            t0 = time.perf_counter()
+            refit(pools, version)
+            times.append(time.perf_counter() - t0)
+        out[transport] = times[2:]
+    pools.shutdown()
+    return out
+
+
+def main_one_gpu(repeats: int) -> None:
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise SystemExit("--one-gpu needs a GPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(Path(tmp) / "model")
+        prep = ray.get(prepare.options(num_gpus=1).remote(model_dir, LLAMA_1B, False, repeats, True))
+        print(f"hardware: {prep['hardware']}")
+        e2e = one_gpu_refits(model_dir, repeats, log=lambda _: None)
+    nbytes, copy_s = prep["nbytes"], statistics.median(prep["copy_s"])
+    rows = [("copy within GPU0 (clone)", copy_s), ("refit, cuda_ipc", statistics.median(e2e["cuda_ipc"])),
+            ("refit, object store", statistics.median(e2e["object_store"]))]
+    print(f"model: Llama-3.2-1B shape, bf16, {nbytes / 1e9:.3f} GB sent; learner and engine on one GPU; medians "
+          f"of {repeats} after warm-up; cuda_ipc set-up (first use, not in the table): {e2e['cuda_ipc set-up']:.2f} s")
+    print(f"| {'measurement':<26} | {'ms':>9} | {'GB/s':>7} | {'of copy':>7} |")
+    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 9}|{'-' * 9}|")
+    for name, seconds in rows:
+        print(f"| {name:<26} | {seconds * 1e3:>9.2f} | {nbytes / seconds / 1e9:>7.1f} | {copy_s / seconds:>7.1%} |")
+    print(f"target: cuda_ipc refit >= 50% of the copy; here {copy_s / statistics.median(e2e['cuda_ipc']):.1%}")
+    ray.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="a tiny model over gloo on CPU (checks the script)")
     ap.add_argument("--bucket-mb", type=float, nargs="+", help="bucket sizes (default: 64 256 1024; --cpu: 0.25 1 4)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 10; --cpu 3)")
+    ap.add_argument("--one-gpu", action="store_true", help="learner and engine on one GPU: cuda_ipc vs object store")
     args = ap.parse_args()
     cpu = args.cpu
     repeats = args.repeats or (3 if cpu else 10)
+    if args.one_gpu:
+        return main_one_gpu(repeats)
     bucket_mb = args.bucket_mb or ([0.25, 1, 4] if cpu else [64, 256, 1024])
     sizes = [int(mb * 2**20) for mb in bucket_mb]
     backend, device = ("gloo", "cpu") if cpu else ("nccl", "cuda")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from refit_wire import host_store, join_store
 
 from .backends import LearnerBackend, make_backend
+from .ipc_source import IpcSource
 from .refit_source import RefitSource
 from .types import LossConfig, OptimConfig, TrainSample
 
@@ -61,6 +62,7 @@ class LearnerWorker:
         self.backend: LearnerBackend | None = None  # built in setup
         self.store: dist.TCPStore | None = None  # the training group's rendezvous (rank 0 hosts it)
         self.refit = RefitSource(ray.util.get_node_ip_address()) if rank == 0 else None
+        self.ipc = IpcSource() if rank == 0 else None  # cluster.refit_transport=cuda_ipc
         if spec.num_gpus == 0:
             torch.set_num_threads(spec.torch_threads)
 
@@ -141,6 +143,13 @@ class LearnerWorker:
         if self.refit is None:
             return self._take_part_in_gather()
         self.refit.send(self.backend.named_weights())
+
+    def ipc_export(self, dtype: str | None) -> dict | None:
+        """CUDA IPC refit (learner/ipc_source.py): pack the weights into the shared buffer; what engines need to
+        copy them (rank 0; the other exporters take part in the gather and return None)."""
+        if self.ipc is None:
+            return self._take_part_in_gather()
+        return self.ipc.export(self.backend.named_weights(), dtype, self.backend.device)
 
     def _take_part_in_gather(self) -> None:
         for _ in self.backend.named_weights():  # yields nothing off rank 0; its collectives are the point
@@ -233,6 +242,10 @@ class LearnerGroup:
     def send_weights(self) -> list:
         """Refs of the send: rank 0's first, then the other exporters' part in the gather."""
         return [w.send_weights.remote() for w in self._exporters]
+
+    def ipc_export(self, dtype: str | None) -> list:
+        """Refs of the CUDA IPC export: rank 0's (the export) first, then the other exporters' part in the gather."""
+        return [w.ipc_export.remote(dtype) for w in self._exporters]
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -226,7 +226,9 @@ class Pools:
     health_interval_s: float = 30.0
     health_timeout_s: float = 60.0
     placement_groups: list = field(default_factory=list)
-    collective: Any = None  # the collective refit transport's group state (orchestration/refit.py); None: object store
+    # The refit transport's state when weights do not go through the object store: the collective group
+    # (orchestration/refit.py) or the CUDA IPC export (orchestration/ipc_refit.py); None: object store
+    collective: Any = None
     _last_progress: float = field(default_factory=time.monotonic)
 
     @property

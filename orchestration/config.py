@@ -227,7 +227,7 @@ class ClusterConfig:
     max_restarts: int = 3  # per generator/judge replica; one more failure stops the run (with a checkpoint)
     health_check_interval_s: float = 30.0  # with no progress this long, ping every actor
     health_check_timeout_s: float = 60.0  # a ping (or a restarting replica) unanswered this long: hung
-    refit_transport: str = "auto"  # auto | nccl | gloo | object_store: see refit_transport()
+    refit_transport: str = "auto"  # auto | nccl | cuda_ipc | gloo | object_store: see refit_transport()
 
 
 @dataclass
@@ -313,7 +313,7 @@ CHOICES = {
     "cluster.learner.strategy": PLACEMENT_STRATEGIES,
     "learner.dtype": ("float32", "bfloat16", "float16"),
     "learner.sharding": ("ddp", "fsdp2"),
-    "cluster.refit_transport": ("auto", "nccl", "gloo", "object_store"),
+    "cluster.refit_transport": ("auto", "nccl", "cuda_ipc", "gloo", "object_store"),
     "algorithm.reference_update": ("iteration", "initial"),
 }
 
@@ -650,8 +650,9 @@ def _validate_streaming(a: AlgorithmConfig) -> None:
 def refit_transport(cfg: Config) -> str:
     """cluster.refit_transport with `auto` resolved: nccl when the learner and every engine pool that follows
     the policy hold at least one whole GPU per worker or replica (NCCL needs a GPU of its own for each rank of
-    the refit group), else object_store. `gloo` is the collective path on CPU (tests, CPU clusters). A judge
-    that does not follow the policy is never refit, so its GPUs do not count."""
+    the refit group), else object_store. `gloo` is the collective path on CPU (tests, CPU clusters).
+    `cuda_ipc` (pools sharing the learner's GPU) is chosen by name only until it has run on a GPU (docs/refit.md).
+    A judge that does not follow the policy is never refit, so its GPUs do not count."""
     c = cfg.cluster
     pools = {"cluster.learner.num_gpus": c.learner.num_gpus, "cluster.generators.num_gpus": c.generators.num_gpus}
     if cfg.algorithm.name in JUDGED and judge_follows_policy(cfg):
@@ -663,6 +664,14 @@ def refit_transport(cfg: Config) -> str:
         raise ConfigError(f"cluster.refit_transport=nccl needs a whole GPU per learner worker and engine replica "
                           f"(NCCL cannot put two ranks on one GPU), but {', '.join(short)}: give them GPUs, or "
                           "use cluster.refit_transport=object_store")
+    if c.refit_transport == "cuda_ipc":
+        cpu = [key for key, value in pools.items() if value == 0]
+        if cpu:
+            raise ConfigError(f"cluster.refit_transport=cuda_ipc copies between pools on one GPU, but "
+                              f"{', '.join(f'{k}=0' for k in cpu)}: give them (a share of) the GPU, e.g. 0.3 each")
+        if cfg.engine.kind != "torch":
+            raise ConfigError(f"cluster.refit_transport=cuda_ipc is built for engine.kind=torch, not "
+                              f"{cfg.engine.kind!r} (its rank workers refit over nccl)")
     return c.refit_transport
 
 

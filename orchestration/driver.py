@@ -37,6 +37,7 @@ from .errors import PoolFailed, RunFailed, one_line
 from .context import RunContext
 from .data import JsonlDataset
 from .metrics import MetricsLogger
+from .ipc_refit import use_cuda_ipc
 from .refit import COLLECTIVE_BACKENDS, use_collective
 from .resumable_output import ResumableJsonl
 from .rollout_journal import JOURNAL_DIR, RolloutJournal, rollout_fingerprint
@@ -131,6 +132,8 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
         transport = refit_transport(cfg)
         if transport in COLLECTIVE_BACKENDS:
             use_collective(pools, transport)
+        elif transport == "cuda_ipc":
+            use_cuda_ipc(pools)
         log(f"[run] weight refits: {transport}")
         if resume is not None and resume.state["phase"] == "end" and cfg.algorithm.reset_optimizer_each_iteration:
             pools.learner.reset_optimizer()  # the boundary after an iteration-end checkpoint

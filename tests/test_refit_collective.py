@@ -192,3 +192,27 @@ def test_nccl_without_a_whole_gpu_per_rank_is_refused():
         load_config(["cluster.refit_transport=nccl", "cluster.generators.num_gpus=1", "cluster.judges.num_gpus=0.5"])
     with pytest.raises(ConfigError, match="cluster.refit_transport='rdma' is not one of"):
         load_config(["cluster.refit_transport=rdma"])
+
+
+def test_cuda_ipc_is_chosen_by_name_and_needs_every_pool_on_the_gpu():
+    one_gpu = ["cluster.learner.num_gpus=0.4", "cluster.generators.num_gpus=0.3", "cluster.judges.num_gpus=0.3"]
+    assert refit_transport(load_config(one_gpu)) == "object_store"  # auto: not before it has run on a GPU
+    assert refit_transport(load_config([*one_gpu, "cluster.refit_transport=cuda_ipc"])) == "cuda_ipc"
+    with pytest.raises(ConfigError, match=r"cuda_ipc copies between pools on one GPU, but cluster.judges.num_gpus=0"):
+        load_config(["cluster.refit_transport=cuda_ipc", "cluster.learner.num_gpus=0.5",
+                     "cluster.generators.num_gpus=0.5"])
+    # a fixed judge is never refit: its pool may stay on the CPU
+    assert refit_transport(load_config(["cluster.refit_transport=cuda_ipc", "cluster.learner.num_gpus=0.5",
+                                        "cluster.generators.num_gpus=0.5", "judge.backend=verifier"])) == "cuda_ipc"
+
+
+def test_a_cuda_ipc_export_is_refused_by_an_engine_on_the_cpu_and_by_a_learner_on_the_cpu():
+    import torch
+
+    from actors.ipc_receiver import IpcReceiver
+    from learner.ipc_source import IpcSource
+
+    with pytest.raises(ValueError, match="needs the learner on a GPU; it is on cpu"):
+        IpcSource().export([("w", torch.zeros(2))], "bfloat16", torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs engines on a GPU; this one is on cpu"):
+        IpcReceiver().map(None, torch.device("cpu"), {"device": "GPU-x", "token": "t", "layout": [], "handle": ()})

@@ -1,0 +1,71 @@
+"""The CUDA IPC refit on one GPU (run on the GPU machine; skipped without CUDA): learner rank 0 and an engine
+replica on fractions of the same GPU, as the one-GPU layout places them. A float32 learner exports bfloat16
+(the engine's dtype), the engine copies it from the mapped buffer and reports the new version, and a replica
+Ray restarts is restored from the learner's buffer."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+import torch
+
+from actors.engines import EngineSpec
+from actors.generator import GeneratorActor
+from learner.group import LearnerGroup, LearnerSpec
+from learner.types import LossConfig, OptimConfig
+from orchestration.cluster import RECOVERABLE, EnginePool, Pools, engine_actor
+from orchestration.ipc_refit import use_cuda_ipc
+from orchestration.refit import refit
+from test_refit_gpu import BATCH, _engine_state, _learner_digest_in_bf16, model_dir  # noqa: F401 (a fixture)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture
+def pools(ray_session, model_dir):  # noqa: F811
+    group = LearnerGroup(LearnerSpec(model_dir=model_dir, optim=OptimConfig(lr=1e-2, micro_batch_size=2),
+                                     workers=1, num_cpus=1, num_gpus=0.4, dtype="float32"))
+    spec = EngineSpec(model_dir=model_dir, device="cuda", dtype="bfloat16", max_batch_size=4, max_seq_len=128)
+    engine = engine_actor(GeneratorActor, num_cpus=1, num_gpus=0.3, max_restarts=1).remote(spec)
+    ray.get(engine.weight_version.remote())
+    pools = Pools(EnginePool("generator", [engine], max_restarts=1, log=lambda _: None),
+                  EnginePool("judge", [], max_restarts=0), group)
+    yield pools
+    pools.shutdown()
+
+
+def test_cuda_ipc_refit_gives_the_engine_the_learners_weights_and_version(pools, tmp_path):
+    before, version = _engine_state(pools)
+    use_cuda_ipc(pools)  # maps the buffer, loads nothing
+    assert _engine_state(pools) == (before, 0)
+    for v in (1, 2):
+        ray.get(pools.learner.train_step_async(BATCH, LossConfig(beta=0.5)))
+        refit(pools, version=v)
+        digest, version = _engine_state(pools)
+        expected = _learner_digest_in_bf16(pools.learner, tmp_path / f"v{v}")
+        assert digest == {name: expected[name] for name in digest}
+        assert version == v and digest != before
+        before = digest
+
+
+def test_a_restarted_replica_is_restored_from_the_learners_buffer(pools, tmp_path):
+    use_cuda_ipc(pools)
+    ray.get(pools.learner.train_step_async(BATCH, LossConfig(beta=0.5)))
+    refit(pools, version=1)
+    expected = _learner_digest_in_bf16(pools.learner, tmp_path / "v1")
+    ray.get(pools.learner.train_step_async(BATCH, LossConfig(beta=0.5)))  # the learner moves past version 1
+    actor = pools.generators.actors[0]
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.weight_version.remote(), timeout=30) == -1:
+                break  # restarted, waiting for weights
+        except (*RECOVERABLE, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.2)
+    pools.generators.recover(0, RuntimeError("killed by the test"))
+    digest, version = _engine_state(pools)
+    assert version == 1 and digest == {name: expected[name] for name in digest}  # version 1, not the learner's now
