@@ -70,6 +70,20 @@ def _engine_state(pools: Pools) -> tuple[dict, int]:
     return digest, ray.get(actor.generate.remote(REQUEST)).results[0].weight_version
 
 
+def kill_and_wait_for_restart(actor) -> None:
+    """Kill an engine replica and wait until Ray has it back, waiting for weights (version -1)."""
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.weight_version.remote(), timeout=30) == -1:
+                return
+        except (*RECOVERABLE, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the replica did not come back within 120 s")
+
+
 def test_nccl_refit_gives_the_engine_the_learners_weights_and_version(pools, tmp_path):
     collective = use_collective(pools, "nccl", BUCKET_BYTES)
     assert collective.generation == 1
@@ -89,16 +103,7 @@ def test_nccl_refit_gives_the_engine_the_learners_weights_and_version(pools, tmp
 def test_nccl_group_is_rebuilt_after_a_replica_restart(pools, tmp_path):
     collective = use_collective(pools, "nccl", BUCKET_BYTES)
     refit(pools, version=1, bucket_bytes=BUCKET_BYTES)
-    actor = pools.generators.actors[0]
-    ray.kill(actor, no_restart=False)  # an idle replica dies; learner rank 0 must outlive its peer
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if ray.get(actor.weight_version.remote(), timeout=30) == -1:
-                break  # restarted, waiting for weights
-        except (*RECOVERABLE, ray.exceptions.GetTimeoutError):
-            pass
-        time.sleep(0.2)
+    kill_and_wait_for_restart(pools.generators.actors[0])  # an idle replica dies; learner rank 0 outlives it
     ray.get(pools.learner.train_step_async(BATCH, LossConfig(beta=0.5)))
     refit(pools, version=2, bucket_bytes=BUCKET_BYTES)
     assert collective.generation == 2

@@ -5,8 +5,6 @@ Ray restarts is restored from the learner's buffer."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import ray
 import torch
@@ -15,10 +13,11 @@ from actors.engines import EngineSpec
 from actors.generator import GeneratorActor
 from learner.group import LearnerGroup, LearnerSpec
 from learner.types import LossConfig, OptimConfig
-from orchestration.cluster import RECOVERABLE, EnginePool, Pools, engine_actor
+from orchestration.cluster import EnginePool, Pools, engine_actor
 from orchestration.ipc_refit import use_cuda_ipc
 from orchestration.refit import refit
-from test_refit_gpu import BATCH, _engine_state, _learner_digest_in_bf16, model_dir  # noqa: F401 (a fixture)
+from test_refit_gpu import BATCH, _engine_state, _learner_digest_in_bf16, kill_and_wait_for_restart
+from test_refit_gpu import model_dir  # noqa: F401 (a fixture this module's tests use)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -56,16 +55,7 @@ def test_a_restarted_replica_is_restored_from_the_learners_buffer(pools, tmp_pat
     refit(pools, version=1)
     expected = _learner_digest_in_bf16(pools.learner, tmp_path / "v1")
     ray.get(pools.learner.train_step_async(BATCH, LossConfig(beta=0.5)))  # the learner moves past version 1
-    actor = pools.generators.actors[0]
-    ray.kill(actor, no_restart=False)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if ray.get(actor.weight_version.remote(), timeout=30) == -1:
-                break  # restarted, waiting for weights
-        except (*RECOVERABLE, ray.exceptions.GetTimeoutError):
-            pass
-        time.sleep(0.2)
+    kill_and_wait_for_restart(pools.generators.actors[0])
     pools.generators.recover(0, RuntimeError("killed by the test"))
     digest, version = _engine_state(pools)
     assert version == 1 and digest == {name: expected[name] for name in digest}  # version 1, not the learner's now
