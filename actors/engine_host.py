@@ -110,7 +110,7 @@ class EngineHost:
         A copy that fails part way leaves mixed weights, so the replica refuses work until it gets whole ones."""
         self.ipc.map(self.engine, torch.device(self.spec.device), export)
         self.stale = True
-        self.ipc.copy(self.engine, export)
+        self.ipc.copy()
         self.engine.weight_version = version
         self.stale = False
         return self.engine.weight_version

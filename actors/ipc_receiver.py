@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from refit_wire import entry_views
+
 from .engines.protocol import Engine
 
 
@@ -16,11 +18,16 @@ def _local_index(uuid: str) -> int | None:
     return None
 
 
+class NotOnLearnersGpu(ValueError):
+    """This engine is on another GPU than learner rank 0 (cluster.refit_transport=auto then uses the object store)."""
+
+
 class IpcReceiver:
     def __init__(self) -> None:
         self.token = ""
         self.mapped: torch.Tensor | None = None
         self.index = 0
+        self.pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (engine parameters, buffer views)
 
     def map(self, engine: Engine, device: torch.device, export: dict) -> None:
         """Check that this engine is on the learner's GPU and, for a new buffer, that the layout fits its model,
@@ -30,7 +37,7 @@ class IpcReceiver:
         index = _local_index(export["device"])
         here = device.index if device.index is not None else torch.cuda.current_device()
         if index != here:
-            raise ValueError(f"the cuda_ipc refit transport needs the engine on the learner's GPU ({export['device']});"
+            raise NotOnLearnersGpu(f"the cuda_ipc refit transport needs the engine on the learner's GPU ({export['device']});"
                              f" this engine is on {torch.cuda.get_device_properties(here).uuid}: use "
                              "cluster.refit_transport=nccl for pools on GPUs of their own")
         if export["token"] != self.token:  # a new buffer: check the layout once, map it once
@@ -39,11 +46,16 @@ class IpcReceiver:
             engine.check_layout(export["layout"])
             args = list(export["handle"])
             args[6] = index  # storage_device, as this process numbers the GPU (CUDA_VISIBLE_DEVICES may differ)
-            self.mapped, self.token, self.index = rebuild_cuda_tensor(*args), export["token"], index
+            mapped = rebuild_cuda_tensor(*args)
+            params = engine.named_parameters_hf()  # views of the parameters served (fused QKV, gate/up included)
+            pairs = [(params[name], view) for entry in export["layout"]
+                     for name, view in entry_views(entry, mapped[: entry["nbytes"]]).items()]
+            self.mapped, self.token, self.index = mapped, export["token"], index
+            self.pairs = ([p for p, _ in pairs], [v for _, v in pairs])
 
-    def copy(self, engine: Engine, export: dict) -> None:
-        """Copy the mapped weights into the engine's parameters (returns when they are in place)."""
-        with torch.cuda.device(self.index):
-            for entry in export["layout"]:
-                engine.load_flat_bucket(entry, self.mapped[: entry["nbytes"]])
+    def copy(self) -> None:
+        """Copy the mapped weights into the engine's parameters (returns when they are in place): one
+        multi-tensor copy (casting where the dtypes differ) from the views laid out when the buffer was mapped."""
+        with torch.cuda.device(self.index), torch.no_grad():
+            torch._foreach_copy_(*self.pairs)
             torch.cuda.synchronize()  # the learner may overwrite the buffer at its next refit

@@ -12,8 +12,12 @@ here). Prints the hardware and one table per shape.
     python benchmarks/engine_decode.py --skip-hf       # the engine only
     python benchmarks/engine_decode.py --sdpa          # also the engine with SDPA decode attention
 
-Below the table: where a step's time goes (one captured decode step replayed alone, the decode-attention
-kernel alone at the run's mean context, and the rest: host work between steps plus prefill).
+Below the table: where the run's time goes. Prefill (a run with one new token) against its compute floor;
+the decode steps' GPU kernel time by kind, from torch.profiler over a whole run less the prefill-only run,
+against the wall time per step (the difference is time the GPU waits for the host); a second floor that
+also counts arithmetic (prefill's matrix products, and each decode step's max(bytes / bandwidth, FLOPs /
+matmul rate)) at the bf16 matmul rate measured here; and the decode-attention kernel alone at the run's
+mean context for a few block configurations.
 """
 
 from __future__ import annotations
@@ -71,6 +75,92 @@ def roofline_tokens_per_s(shape: str, batch: int, prompt: int, new: int, weight_
     kv_per_token = kv_bytes_per_token(shape, bytes_per)
     seconds = sum((weight_bytes + batch * (prompt + t) * kv_per_token) / bandwidth for t in range(new))
     return batch * new / seconds
+
+
+def matmul_rate(n: int = 8192) -> float:
+    """bf16 FLOP/s of an n^3 matrix product on random data (median; three input sets in turn)."""
+    inputs = [(torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+               torch.randn(n, n, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+    times = []
+    for i in range(23):
+        a, b = inputs[i % 3]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times[3:])
+
+
+def compute_aware_floor(shape: str, batch: int, prompt: int, new: int, weight_bytes: int, bandwidth: float,
+                        rate: float, bytes_per: int) -> tuple[float, float]:
+    """(prefill seconds, whole-run seconds) when every kernel runs at the faster of its two ceilings: prefill
+    at the matmul rate (matrix products of the prompt tokens, the head on each prompt's last position,
+    causal attention), each decode step at max(its bytes / bandwidth, its FLOPs / matmul rate)."""
+    c = SHAPES[shape]
+    h, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
+    head_dim, kv = h // heads, c["num_key_value_heads"]
+    per_layer = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h + 3 * h * c["intermediate_size"]
+    body, lm_head = layers * per_layer, c["vocab_size"] * h
+    attention = lambda context: 4 * layers * heads * head_dim * context  # noqa: E731  QK^T and PV per token
+    prefill = batch * (2 * body * prompt + 2 * lm_head + sum(attention(i + 1) for i in range(prompt))) / rate
+    kv_per_token = kv_bytes_per_token(shape, bytes_per)
+    decode = sum(max((weight_bytes + batch * (prompt + t) * kv_per_token) / bandwidth,
+                     batch * (2 * (body + lm_head) + attention(prompt + t)) / rate) for t in range(new))
+    return prefill, prefill + decode
+
+
+_KINDS = (("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma", "splitk")), ("decode attention", ("_decode_attention",)),
+          ("prefill attention", ("flash", "fmha", "attention", "sdpa")), ("norms", ("rmsnorm",)),
+          ("swiglu", ("silu",)), ("rope + cache", ("rope",)))
+
+
+def kernel_ms(fn) -> dict[str, float]:
+    """GPU kernel milliseconds by kind over one call of fn (torch.profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", None)
+        us = evt.self_cuda_time_total if us is None else us
+        if not us:
+            continue
+        name = evt.key.lower()
+        kind = next((k for k, marks in _KINDS if any(m in name for m in marks)), "other")
+        out[kind] = out.get(kind, 0.0) + us / 1e3
+    return out
+
+
+def phase_breakdown(engine, requests, new: int, seconds: float, repeats: int) -> tuple[float, list[str]]:
+    """Prefill seconds (a run of one new token), and lines: decode ms per step, and the decode steps' GPU
+    kernel time by kind (a whole run's profile less the prefill-only run's)."""
+    import dataclasses
+
+    first = [dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, max_new_tokens=1)) for r in requests]
+    engine.generate(first)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(first)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    prefill = statistics.median(times)
+    whole, only_prefill = kernel_ms(lambda: engine.generate(requests)), kernel_ms(lambda: engine.generate(first))
+    steps = new - 1
+    decode = {k: (whole.get(k, 0.0) - only_prefill.get(k, 0.0)) / steps for k in whole}
+    busy = sum(decode.values())
+    wall = 1e3 * (seconds - prefill) / steps
+    kinds = ", ".join(f"{k} {v:.3f}" for k, v in sorted(decode.items(), key=lambda kv: -kv[1]) if v > 0.0005)
+    lines = [f"prefill (a run with 1 new token): {prefill * 1e3:.1f} ms = {prefill / seconds:.0%} of the run; "
+             f"prefill GPU kernels {sum(only_prefill.values()):.1f} ms",
+             f"decode: {wall:.3f} ms per step (wall, the run less its prefill, over {steps} steps); GPU kernels "
+             f"{busy:.3f} ms per step ({kinds}); the GPU waits for the host {max(wall - busy, 0):.3f} ms per step"]
+    return prefill, lines
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
@@ -148,7 +238,10 @@ def time_engine(model_dir: Path, ids: list[list[int]], new: int, dtype: str, rep
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     assert all(len(r.token_ids) == new for r in out), "a sequence stopped early"
-    notes = step_breakdown(engine, len(ids), len(ids[0]), new, bandwidth, profile) if bandwidth else []
+    notes = []
+    if bandwidth:
+        notes = phase_breakdown(engine, requests, new, statistics.median(times), repeats)[1]
+        notes += step_breakdown(engine, len(ids), len(ids[0]), new, bandwidth, profile)
     del engine
     torch.cuda.empty_cache()
     return statistics.median(times), [r.token_ids for r in out], notes
@@ -183,6 +276,8 @@ def one_shape(shape: str, args, bandwidth: float) -> None:
         weight_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         ids = prompts(args.batch, args.prompt, SHAPES[shape]["vocab_size"])
         roof = roofline_tokens_per_s(shape, args.batch, args.prompt, args.new, weight_bytes, bandwidth, 2)
+        floor_prefill, floor_run = compute_aware_floor(shape, args.batch, args.prompt, args.new, weight_bytes,
+                                                       bandwidth, args.matmul_rate, 2)
         rows, agreement = [], []
         t_engine, tok_engine, notes = time_engine(model_dir, ids, args.new, "bfloat16", args.repeats,
                                                   bandwidth=bandwidth, profile=args.profile)
@@ -204,11 +299,15 @@ def one_shape(shape: str, args, bandwidth: float) -> None:
           f"{args.prompt} prompt + {args.new} new, bf16, copy bandwidth {bandwidth / 1e12:.2f} TB/s)")
     for line in agreement:
         print(line)
-    print(f"| {'implementation':<26} | {'seconds':>8} | {'tokens/s':>10} | {'steps/s':>8} | {'of roofline':>11} |")
-    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 13}|")
+    print(f"compute-aware floor: {floor_run:.3f} s per run ({tokens / floor_run:,.0f} tokens/s, "
+          f"{tokens / floor_run / roof:.0%} of the memory roofline), of which prefill {floor_prefill * 1e3:.1f} ms; "
+          f"bf16 matmul rate {args.matmul_rate / 1e12:.0f} TFLOP/s")
+    print(f"| {'implementation':<26} | {'seconds':>8} | {'tokens/s':>10} | {'steps/s':>8} | {'of roofline':>11} | "
+          f"{'of compute-aware floor':>22} |")
+    print(f"|{'-' * 28}|{'-' * 10}|{'-' * 12}|{'-' * 10}|{'-' * 13}|{'-' * 24}|")
     for name, seconds in rows:
         print(f"| {name:<26} | {seconds:8.2f} | {tokens / seconds:10,.0f} | {args.new / seconds:8.1f} | "
-              f"{tokens / seconds / roof:10.1%} |")
+              f"{tokens / seconds / roof:10.1%} | {floor_run / seconds:21.1%} |")
     print(f"floor per decode step at the mean context: {1e3 * args.new * args.batch / roof / args.new:.3f} ms; "
           f"measured {1e3 * t_engine / args.new:.3f} ms per step (prefill included)")
     for line in notes:
@@ -231,6 +330,7 @@ def main() -> None:
     print(f"hardware: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; "
           f"torch {torch.__version__}, CUDA {torch.version.cuda}")
     bandwidth = copy_bandwidth()
+    args.matmul_rate = matmul_rate()
     for shape in (list(SHAPES) if "all" in args.shape else args.shape):
         one_shape(shape, args, bandwidth)
 

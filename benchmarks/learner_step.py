@@ -7,6 +7,16 @@ matmul ceiling measured in the same run, and one table.
 
     python benchmarks/learner_step.py            # on a GPU machine (about 1.5 minutes)
     python benchmarks/learner_step.py --tiny     # a tiny model on the CPU: checks that the script runs
+    python benchmarks/learner_step.py --liger    # also against Liger Kernel (GPU; pip install liger-kernel)
+
+--liger adds two comparisons with Liger Kernel (a maintained library of fused Triton kernels for training):
+  head    the DPO loss from final hidden states: ours (lm_head matmul on the response positions, then
+          learner.losses.token_logprobs: float32 log-softmax reduction without a float32 copy of the logits)
+          against Liger's LigerFusedLinearDPOLoss (the head fused with log-softmax and the DPO loss, chunked
+          by pair, gradients computed in its forward), forward + backward, policy and reference; time, peak
+          memory, and each one's error against a float64 computation of the same loss and gradients.
+  kernels the full train_step with Liger's RoPE, RMSNorm and SwiGLU kernels patched into the backend's model
+          (liger_kernel.transformers.apply_liger_kernel_to_llama), beside ours at the same micro-batch.
 
 FLOPs per step are counted from the shapes, not measured (`step_flops`):
     per sequence of S = P + R tokens, forward:
@@ -141,6 +151,7 @@ def main() -> None:
     ap.add_argument("--fp32-pairs", type=int, default=8, help="pairs per step of the float32 row (0: no such row)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--liger", action="store_true", help="also compare with Liger Kernel (GPU only)")
     args = ap.parse_args()
     if args.tiny:
         args.prompt, args.response, args.pairs, args.micro_batches = 8, 16, 4, [2, 4]
@@ -194,6 +205,27 @@ def main() -> None:
             gc.collect()  # the backend's modules hold reference cycles: free its GPU memory before the next one
             if device == "cuda":
                 torch.cuda.empty_cache()
+        if args.liger and device == "cuda":  # last: Liger's patch replaces transformers' Llama functions process-wide
+            mb = args.micro_batches[-1]
+            optim = OptimConfig(lr=1e-6, warmup_steps=0, max_grad_norm=1.0, micro_batch_size=mb)
+            backend = TorchBackend(str(model_dir), optim, device=device, dtype="bfloat16", rank=0, world_size=1, seed=0)
+            from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+            apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False, model=backend.module)
+            batches = dpo_batches(args.warmup + args.repeats, args.pairs, args.prompt, args.response, shape["vocab_size"])
+            flops, flops_6nt = step_flops(shape, args.prompt, args.response, args.pairs)
+            torch.cuda.reset_peak_memory_stats()
+            losses = [backend.train_step(b, loss_cfg)["loss"] for b in batches[: args.warmup]]
+            times = [_timed(device, lambda: losses.append(backend.train_step(b, loss_cfg)["loss"]))
+                     for b in batches[args.warmup :]]
+            print(f"bfloat16 + Liger kernels, micro-batch {mb}: step ms {[round(t * 1e3, 1) for t in times]}, "
+                  f"losses {[round(x, 4) for x in losses]}", flush=True)
+            rows.append(("bf16+liger", mb, args.pairs, 2 * args.pairs * (args.prompt + args.response), times, flops,
+                         flops_6nt, torch.cuda.max_memory_allocated() / 2**30))
+            backend = None
+            gc.collect()
+            torch.cuda.empty_cache()
 
     print(f"\nDPO step, {args.prompt} prompt + {args.response} response tokens per sequence, chosen + rejected; "
           f"matmul ceiling {ceiling / 1e12:.1f} TFLOP/s; MFU against {H200_BF16_DENSE / 1e12:.0f} TFLOP/s")
@@ -210,6 +242,81 @@ def main() -> None:
         peak_gib = "-" if peak is None else f"{peak:.1f}"
         print(f"| {dtype:<9} | {mb:>5} | {pairs:>5} | {tokens:>11,} | {t * 1e3:8.1f} | {spread:6.1%} | "
               f"{tokens / t:9,.0f} | {rate / 1e12:7.1f} | {mfu} | {mfu_6nt} | {rate / ceiling:9.1%} | {peak_gib:>8} |")
+    if args.liger:
+        head_comparison(shape, args.micro_batches[-1], args.response, args.warmup, args.repeats, device)
+
+
+def head_comparison(shape: dict, pairs: int, response: int, warmup: int, repeats: int, device: str,
+                    beta: float = 0.1) -> None:
+    """The DPO loss from final hidden states, ours against Liger's fused linear DPO loss (module docstring):
+    median ms of forward + backward, peak memory above the inputs, and the error of the loss and of the
+    gradients (hidden states, head weight) against float64. On the CPU (--tiny) it checks the code only: Liger's
+    chunked losses are plain torch there, and peak memory is not measured."""
+    import torch.nn.functional as F
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    from learner.losses import dpo_loss, token_logprobs
+
+    hidden, vocab, n = shape["hidden_size"], shape["vocab_size"], 2 * pairs
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(n, response, hidden, device=device, generator=g).bfloat16().requires_grad_()
+    w = (0.02 * torch.randn(vocab, hidden, device=device, generator=g)).bfloat16().requires_grad_()
+    h_ref = (h.detach().float() + 0.1 * torch.randn(h.shape, device=device, generator=g)).bfloat16()
+    w_ref = (w.detach().float() + 0.002 * torch.randn(w.shape, device=device, generator=g)).bfloat16()
+    labels = torch.randint(0, vocab, (n, response), device=device, generator=g)
+
+    def logps(hs, weight):  # [n] summed response log-probs, as the backend's head path computes them
+        logits = F.linear(hs.reshape(-1, hidden), weight)
+        return token_logprobs(logits, labels.reshape(-1)).view(n, response).sum(-1)
+
+    def ours(hs=h, weight=w, ref_h=h_ref, ref_w=w_ref):
+        with torch.no_grad():
+            ref = logps(ref_h, ref_w)
+        pol = logps(hs, weight)
+        delta = (pol[:pairs] - ref[:pairs]) - (pol[pairs:] - ref[pairs:])
+        return dpo_loss(delta, beta).mean()
+
+    liger_fn = LigerFusedLinearDPOLoss(beta=beta, compute_nll_loss=False, average_log_prob=False, chunk_size=1)
+
+    def liger():
+        return liger_fn(w, h, labels, ref_input=h_ref, ref_weight=w_ref)[0]
+
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exact = ours(h64, w64, h_ref.double(), w_ref.double())
+    exact.backward()
+    reference = (exact.item(), h64.grad.float(), w64.grad.float())
+    del h64, w64
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b).norm() / b.norm())
+
+    print(f"\nDPO loss from final hidden states: {pairs} pairs x {response} response tokens, hidden {hidden}, "
+          f"vocab {vocab}, bf16 inputs; forward + backward (policy), reference forward; errors against float64")
+    print("| implementation | ms | peak GiB above inputs | loss error | grad hidden error | grad head error |")
+    print("|---|---|---|---|---|---|")
+    for name, fn in (("ours (token_logprobs)", ours), ("Liger LigerFusedLinearDPOLoss", liger)):
+        h.grad = w.grad = None
+        loss = fn()
+        loss.backward()
+        errors = (abs(loss.item() - reference[0]) / abs(reference[0]), rel(h.grad, reference[1]), rel(w.grad, reference[2]))
+
+        def step():
+            h.grad = w.grad = None
+            fn().backward()
+
+        for _ in range(warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        times = sorted(_timed(device, step) for _ in range(repeats))
+        peak = f"{(torch.cuda.max_memory_allocated() - base) / 2**30:.2f}" if cuda else "-"
+        print(f"| {name} | {statistics.median(times) * 1e3:.1f} | {peak} | {errors[0]:.1e} | {errors[1]:.1e} | "
+              f"{errors[2]:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

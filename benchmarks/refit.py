@@ -64,6 +64,7 @@ def prepare(root: str, shape: dict, cpu: bool, repeats: int, one_gpu: bool = Fal
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0"))).save_pretrained(root)
     sent = [(n, tuple(t.shape)) for n, t in model.state_dict().items() if n != "lm_head.weight"]
     nbytes = sum(torch.Size(s).numel() * 2 for _, s in sent)
+    pack_s = _pack_alone(model) if one_gpu else []
     del model
     src = torch.empty(nbytes, dtype=torch.uint8, device="cpu" if cpu else "cuda:0")
     times = []
@@ -74,7 +75,27 @@ def prepare(root: str, shape: dict, cpu: bool, repeats: int, one_gpu: bool = Fal
         _sync(cpu)
         times.append(time.perf_counter() - t0)
         del dst
-    return {"sent": sent, "nbytes": nbytes, "copy_s": times[3:], "hardware": _hardware(cpu, one_gpu)}
+    return {"sent": sent, "nbytes": nbytes, "copy_s": times[3:], "pack_s": pack_s, "hardware": _hardware(cpu, one_gpu)}
+
+
+def _pack_alone(model, repeats: int = 10) -> list[float]:
+    """Seconds of the cuda_ipc pack without Ray: one multi-tensor copy of every sent weight into views of one
+    flat buffer (learner/ipc_source.py does this each refit; the engine's copy out is the same work)."""
+    from refit_wire import bucket_layout, entry_views
+
+    tensors = {n: t for n, t in model.state_dict().items() if n != "lm_head.weight"}
+    entry = bucket_layout(tensors.items(), 1 << 62, "bfloat16")[0]
+    buffer = torch.empty(entry["nbytes"], dtype=torch.uint8, device="cuda:0")
+    views = entry_views(entry, buffer)
+    dst, src = list(views.values()), [tensors[n] for n in views]
+    times = []
+    for _ in range(3 + repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch._foreach_copy_(dst, src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times[3:]
 
 
 def _sync(cpu: bool) -> None:
@@ -229,8 +250,27 @@ def one_gpu_refits(model_dir: str, repeats: int, log) -> dict:
             refit(pools, version)
             times.append(time.perf_counter() - t0)
         out[transport] = times[2:]
+    out.update(_ipc_phases(pools, version, repeats))
     pools.shutdown()
     return out
+
+
+def _ipc_phases(pools, version: int, repeats: int) -> dict:
+    """The cuda_ipc refit's two Ray calls timed apart: learner rank 0's pack, then the engine's copy."""
+    import ray
+
+    ipc = pools.collective
+    engine = pools.generators.actors[0]
+    export_s, load_s = [], []
+    for _ in range(2 + repeats):
+        version += 1
+        t0 = time.perf_counter()
+        export = ipc._export()
+        t1 = time.perf_counter()
+        ray.get(engine.load_ipc.remote(version, export))
+        export_s.append(t1 - t0)
+        load_s.append(time.perf_counter() - t1)
+    return {"ipc export call": export_s[2:], "ipc load call": load_s[2:]}
 
 
 def main_one_gpu(repeats: int) -> None:
@@ -244,6 +284,9 @@ def main_one_gpu(repeats: int) -> None:
         e2e = one_gpu_refits(model_dir, repeats, log=lambda _: None)
     nbytes, copy_s = prep["nbytes"], statistics.median(prep["copy_s"])
     rows = [("copy within GPU0 (clone)", copy_s), ("refit, cuda_ipc", statistics.median(e2e["cuda_ipc"])),
+            ("  learner pack (Ray call)", statistics.median(e2e["ipc export call"])),
+            ("  engine copy (Ray call)", statistics.median(e2e["ipc load call"])),
+            ("  pack alone, no Ray", statistics.median(prep["pack_s"])),
             ("refit, object store", statistics.median(e2e["object_store"]))]
     print(f"model: Llama-3.2-1B shape, bf16, {nbytes / 1e9:.3f} GB sent; learner and engine on one GPU; medians "
           f"of {repeats} after warm-up; cuda_ipc set-up (first use, not in the table): {e2e['cuda_ipc set-up']:.2f} s")

@@ -650,8 +650,9 @@ def _validate_streaming(a: AlgorithmConfig) -> None:
 def refit_transport(cfg: Config) -> str:
     """cluster.refit_transport with `auto` resolved: nccl when the learner and every engine pool that follows
     the policy hold at least one whole GPU per worker or replica (NCCL needs a GPU of its own for each rank of
-    the refit group), else object_store. `gloo` is the collective path on CPU (tests, CPU clusters).
-    `cuda_ipc` (pools sharing the learner's GPU) is chosen by name only until it has run on a GPU (docs/refit.md).
+    the refit group); cuda_ipc when they all hold a share of a GPU and some hold less than one (the one-GPU
+    layout; the driver falls back to object_store when a replica turns out to be on another GPU than learner
+    rank 0); else (a pool on the CPU) object_store. `gloo` is the collective path on CPU (tests, CPU clusters).
     A judge that does not follow the policy is never refit, so its GPUs do not count."""
     c = cfg.cluster
     pools = {"cluster.learner.num_gpus": c.learner.num_gpus, "cluster.generators.num_gpus": c.generators.num_gpus}
@@ -659,7 +660,9 @@ def refit_transport(cfg: Config) -> str:
         pools["cluster.judges.num_gpus"] = c.judges.num_gpus
     short = [f"{key}={value:g}" for key, value in pools.items() if value < 1]
     if c.refit_transport == "auto":
-        return "object_store" if short else "nccl"
+        if not short:
+            return "nccl"
+        return "cuda_ipc" if all(value > 0 for value in pools.values()) else "object_store"
     if c.refit_transport == "nccl" and short:
         raise ConfigError(f"cluster.refit_transport=nccl needs a whole GPU per learner worker and engine replica "
                           f"(NCCL cannot put two ranks on one GPU), but {', '.join(short)}: give them GPUs, or "

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray
 from omegaconf import OmegaConf
@@ -30,14 +31,14 @@ from .algorithms.spin import Spin
 from .chat import PRESET_STOP_STRINGS, PRESETS, ChatRenderer
 from .checkpoint import Checkpoint, Checkpoints
 from . import judge_templates
-from .cluster import JudgePoolSpec, connect, start_pools
+from .cluster import JudgePoolSpec, Pools, connect, start_pools
 from .config import (JUDGED, Config, ConfigError, judge_follows_policy, max_seconds, refit_transport, sampling_params,
                      to_yaml)
 from .errors import PoolFailed, RunFailed, one_line
 from .context import RunContext
 from .data import JsonlDataset
 from .metrics import MetricsLogger
-from .ipc_refit import use_cuda_ipc
+from .ipc_refit import IpcUnavailable, use_cuda_ipc
 from .refit import COLLECTIVE_BACKENDS, use_collective
 from .resumable_output import ResumableJsonl
 from .rollout_journal import JOURNAL_DIR, RolloutJournal, rollout_fingerprint
@@ -71,6 +72,24 @@ def run(cfg: Config, log=print) -> RunResult:
         return _run(cfg, log, start, stopper)
     finally:
         stopper.uninstall()
+
+
+def set_up_refits(cfg: Config, pools: Pools, log: Callable[[str], None]) -> str:
+    """Switch `pools` to the refit transport the configuration asks for (config.refit_transport) and return
+    its name. `auto`'s cuda_ipc falls back to the object store when a replica is not on learner rank 0's GPU
+    (fractional GPU shares on a host of several GPUs); asked for by name, that stops the run."""
+    transport = refit_transport(cfg)
+    if transport in COLLECTIVE_BACKENDS:
+        use_collective(pools, transport)
+    elif transport == "cuda_ipc":
+        try:
+            use_cuda_ipc(pools)
+        except IpcUnavailable as e:
+            if cfg.cluster.refit_transport != "auto":
+                raise
+            log(f"[run] cuda_ipc refits are not possible here ({e}): using the object store")
+            transport = "object_store"
+    return transport
 
 
 def _journal(cfg: Config, out: Path, log) -> RolloutJournal | None:
@@ -129,12 +148,7 @@ def _run(cfg: Config, log, start: float, stopper: Stopper) -> RunResult:
         pools = start_pools(cfg.cluster, gen_engine, judges if judged else None, learner, log=log)
         if judged and cfg.judge.backend in ("model", "triton"):
             _check_fixed_judge(cfg, pools, setup.tokenizer, log)
-        transport = refit_transport(cfg)
-        if transport in COLLECTIVE_BACKENDS:
-            use_collective(pools, transport)
-        elif transport == "cuda_ipc":
-            use_cuda_ipc(pools)
-        log(f"[run] weight refits: {transport}")
+        log(f"[run] weight refits: {set_up_refits(cfg, pools, log)}")
         if resume is not None and resume.state["phase"] == "end" and cfg.algorithm.reset_optimizer_each_iteration:
             pools.learner.reset_optimizer()  # the boundary after an iteration-end checkpoint
         for ds, name in ((setup.train, "train"), (setup.val, "val")):

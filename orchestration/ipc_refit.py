@@ -11,8 +11,14 @@ version its pool serves by copying from it again.
 
 from __future__ import annotations
 
+from actors.ipc_receiver import NotOnLearnersGpu
+
 from .cluster import RECOVERABLE, EnginePool, Pools, get_within
 from .errors import ConfigError, LearnerFailed, RefitFailed, one_line
+
+
+class IpcUnavailable(RefitFailed):
+    """An engine replica is on another GPU than learner rank 0: CUDA IPC cannot reach it."""
 
 
 def use_cuda_ipc(pools: Pools) -> "IpcRefit":
@@ -58,6 +64,8 @@ class IpcRefit:
             try:
                 get_within(pool.call(i, "check_ipc", export), pool.timeout_s, f"{pool.name} replica {i} mapping "
                            "the learner's weight buffer")
+            except NotOnLearnersGpu as e:
+                raise IpcUnavailable(f"{pool.name} replica {i} cannot take CUDA IPC refits: {one_line(e)}") from None
             except ValueError as e:
                 raise RefitFailed(f"{pool.name} replica {i} cannot take CUDA IPC refits: {one_line(e)}") from None
         mb = sum(entry["nbytes"] for entry in export["layout"]) / 1e6

@@ -48,7 +48,7 @@ def test_a_fixed_judge_is_never_refit(transport, ray_session, tiny_llama):
 
 def test_a_fixed_judges_gpus_do_not_decide_the_refit_transport(tiny_llama):
     gpus = ["cluster.generators.num_gpus=1", "cluster.learner.num_gpus=1", "cluster.judges.num_gpus=0.5"]
-    assert refit_transport(load_config(gpus)) == "object_store"  # the policy judge shares a GPU: no NCCL
+    assert refit_transport(load_config(gpus)) == "cuda_ipc"  # the policy judge shares a GPU: no NCCL
     assert refit_transport(load_config([*gpus, "judge.backend=model", f"judge.model.path={tiny_llama}"])) == "nccl"
     assert refit_transport(load_config([*gpus, "judge.backend=triton"])) == "nccl"
     assert not JUDGE_BACKENDS["model"].follows_policy and not JUDGE_BACKENDS["triton"].follows_policy

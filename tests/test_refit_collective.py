@@ -176,7 +176,8 @@ def test_a_restarted_replica_with_no_healthy_peer_stops_the_run(ray_session, tin
 @pytest.mark.parametrize("overrides, expected", [
     ([], "object_store"),  # the CPU default
     (["cluster.learner.num_gpus=1", "cluster.generators.num_gpus=1", "cluster.judges.num_gpus=1"], "nccl"),
-    (["cluster.learner.num_gpus=1", "cluster.generators.num_gpus=1", "cluster.judges.num_gpus=0.5"], "object_store"),
+    (["cluster.learner.num_gpus=1", "cluster.generators.num_gpus=1", "cluster.judges.num_gpus=0.5"], "cuda_ipc"),
+    (["cluster.learner.num_gpus=0.5", "cluster.generators.num_gpus=0.5"], "object_store"),  # the judge on the CPU
     (["algorithm=spin", "cluster.learner.num_gpus=1", "cluster.generators.num_gpus=1"], "nccl"),  # no judge pool
     (["cluster.refit_transport=gloo"], "gloo"),
     (["cluster.refit_transport=object_store", "cluster.learner.num_gpus=1", "cluster.generators.num_gpus=1",
@@ -194,9 +195,9 @@ def test_nccl_without_a_whole_gpu_per_rank_is_refused():
         load_config(["cluster.refit_transport=rdma"])
 
 
-def test_cuda_ipc_is_chosen_by_name_and_needs_every_pool_on_the_gpu():
+def test_cuda_ipc_is_auto_on_shared_gpus_and_needs_every_pool_on_the_gpu():
     one_gpu = ["cluster.learner.num_gpus=0.4", "cluster.generators.num_gpus=0.3", "cluster.judges.num_gpus=0.3"]
-    assert refit_transport(load_config(one_gpu)) == "object_store"  # auto: not before it has run on a GPU
+    assert refit_transport(load_config(one_gpu)) == "cuda_ipc"  # auto, the one-GPU layout
     assert refit_transport(load_config([*one_gpu, "cluster.refit_transport=cuda_ipc"])) == "cuda_ipc"
     with pytest.raises(ConfigError, match=r"cuda_ipc copies between pools on one GPU, but cluster.judges.num_gpus=0"):
         load_config(["cluster.refit_transport=cuda_ipc", "cluster.learner.num_gpus=0.5",
@@ -216,3 +217,20 @@ def test_a_cuda_ipc_export_is_refused_by_an_engine_on_the_cpu_and_by_a_learner_o
         IpcSource().export([("w", torch.zeros(2))], "bfloat16", torch.device("cpu"))
     with pytest.raises(ValueError, match="needs engines on a GPU; this one is on cpu"):
         IpcReceiver().map(None, torch.device("cpu"), {"device": "GPU-x", "token": "t", "layout": [], "handle": ()})
+
+
+def test_auto_falls_back_to_the_object_store_when_a_replica_is_on_another_gpu(monkeypatch):
+    from orchestration import driver
+    from orchestration.ipc_refit import IpcUnavailable
+
+    def elsewhere(pools):
+        raise IpcUnavailable("generator replica 0 cannot take CUDA IPC refits: on GPU-b, the learner on GPU-a")
+
+    monkeypatch.setattr(driver, "use_cuda_ipc", elsewhere)
+    one_gpu = ["cluster.learner.num_gpus=0.4", "cluster.generators.num_gpus=0.3", "cluster.judges.num_gpus=0.3"]
+    logs = []
+    assert driver.set_up_refits(load_config(one_gpu), None, logs.append) == "object_store"
+    assert logs == ["[run] cuda_ipc refits are not possible here (generator replica 0 cannot take CUDA IPC refits: "
+                    "on GPU-b, the learner on GPU-a): using the object store"]
+    with pytest.raises(IpcUnavailable, match="on GPU-b"):  # asked for by name: the run stops
+        driver.set_up_refits(load_config([*one_gpu, "cluster.refit_transport=cuda_ipc"]), None, logs.append)
