@@ -15,8 +15,8 @@ matmul ceiling measured in the same run, and one table.
           against Liger's LigerFusedLinearDPOLoss (the head fused with log-softmax and the DPO loss, chunked
           by pair, gradients computed in its forward), forward + backward, policy and reference; time, peak
           memory, and each one's error against a float64 computation of the same loss and gradients.
-  kernels the full train_step with Liger's RoPE, RMSNorm and SwiGLU kernels patched into the backend's model
-          (liger_kernel.transformers.apply_liger_kernel_to_llama), beside ours at the same micro-batch.
+  kernels the full train_step with `learner.kernels=liger` (Liger's RoPE, RMSNorm and SwiGLU kernels patched
+          into the backend's policy and reference models), beside ours at the same micro-batch.
 
 FLOPs per step are counted from the shapes, not measured (`step_flops`):
     per sequence of S = P + R tokens, forward:
@@ -208,11 +208,8 @@ def main() -> None:
         if args.liger and device == "cuda":  # last: Liger's patch replaces transformers' Llama functions process-wide
             mb = args.micro_batches[-1]
             optim = OptimConfig(lr=1e-6, warmup_steps=0, max_grad_norm=1.0, micro_batch_size=mb)
-            backend = TorchBackend(str(model_dir), optim, device=device, dtype="bfloat16", rank=0, world_size=1, seed=0)
-            from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-            apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                        fused_linear_cross_entropy=False, model=backend.module)
+            backend = TorchBackend(str(model_dir), optim, device=device, dtype="bfloat16", rank=0, world_size=1, seed=0,
+                                   kernels="liger")
             batches = dpo_batches(args.warmup + args.repeats, args.pairs, args.prompt, args.response, shape["vocab_size"])
             flops, flops_6nt = step_flops(shape, args.prompt, args.response, args.pairs)
             torch.cuda.reset_peak_memory_stats()

@@ -231,7 +231,9 @@ def one_gpu_refits(model_dir: str, repeats: int, log) -> dict:
     ray.get(engine.weight_version.remote())
     pools = Pools(EnginePool("generator", [engine], 0, log=log), EnginePool("judge", [], 0), learner)
     out, version = {}, 0
+    log("pools up")
     for transport in ("object_store", "cuda_ipc"):
+        log(f"{transport}: timing")
         t0 = time.perf_counter()
         if transport == "cuda_ipc":
             use_cuda_ipc(pools)
@@ -281,7 +283,7 @@ def main_one_gpu(repeats: int) -> None:
         model_dir = str(Path(tmp) / "model")
         prep = ray.get(prepare.options(num_gpus=1).remote(model_dir, LLAMA_1B, False, repeats, True))
         print(f"hardware: {prep['hardware']}")
-        e2e = one_gpu_refits(model_dir, repeats, log=lambda _: None)
+        e2e = one_gpu_refits(model_dir, repeats, log=lambda line: print(line, file=sys.stderr, flush=True))
     nbytes, copy_s = prep["nbytes"], statistics.median(prep["copy_s"])
     rows = [("copy within GPU0 (clone)", copy_s), ("refit, cuda_ipc", statistics.median(e2e["cuda_ipc"])),
             ("  learner pack (Ray call)", statistics.median(e2e["ipc export call"])),

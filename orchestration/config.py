@@ -251,6 +251,9 @@ class LearnerConfig:
     # torch only: ddp (every rank holds the whole model) | fsdp2 (parameters, gradients and AdamW state sharded
     # over the data-parallel ranks); docs/learner_parallelism.md
     sharding: str = "ddp"
+    # torch only: torch (our fused RMSNorm, transformers' rotary and SwiGLU) | liger (Liger Kernel's Triton RoPE,
+    # RMSNorm and SwiGLU, in policy and reference alike; GPU, `pip install liger-kernel`); benchmarks/NOTES.md
+    kernels: str = "torch"
     tensor_parallel: int = 1  # megatron only: cluster.learner.workers = tensor x pipeline x data parallel
     pipeline_parallel: int = 1
     optim: OptimSchema = field(default_factory=OptimSchema)
@@ -313,6 +316,7 @@ CHOICES = {
     "cluster.learner.strategy": PLACEMENT_STRATEGIES,
     "learner.dtype": ("float32", "bfloat16", "float16"),
     "learner.sharding": ("ddp", "fsdp2"),
+    "learner.kernels": ("torch", "liger"),
     "cluster.refit_transport": ("auto", "nccl", "cuda_ipc", "gloo", "object_store"),
     "algorithm.reference_update": ("iteration", "initial"),
 }
@@ -611,6 +615,9 @@ def _validate_learner_layout(learner: LearnerConfig, workers: int) -> int:
     if learner.sharding != "ddp":
         raise ConfigError(f"learner.sharding={learner.sharding} is an option of learner.backend=torch; megatron "
                           "shards its optimizer state over data-parallel ranks itself (docs/megatron.md)")
+    if learner.kernels != "torch":
+        raise ConfigError(f"learner.kernels={learner.kernels} is an option of learner.backend=torch; megatron "
+                          "runs its own fused kernels (docs/megatron.md)")
     from learner.backends import megatron
 
     if not megatron.available():

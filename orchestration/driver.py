@@ -447,11 +447,11 @@ def _specs(cfg: Config, weights: _Weights, end_of_turn: tuple[str, ...]):
 
 
 def _learner_options(cfg: Config) -> dict:
-    """The learner backend's own options (config.validate refused tensor/pipeline parallel for torch and
-    sharding for megatron)."""
+    """The learner backend's own options (config.validate refused tensor/pipeline parallel for torch, and
+    sharding and kernels for megatron)."""
     if cfg.learner.backend == "megatron":
         return {"tensor_parallel": cfg.learner.tensor_parallel, "pipeline_parallel": cfg.learner.pipeline_parallel}
-    return {"sharding": cfg.learner.sharding}
+    return {"sharding": cfg.learner.sharding, "kernels": cfg.learner.kernels}
 
 
 def _check_megatron_layout(model_dir: str, cfg: Config) -> None:

@@ -103,3 +103,21 @@ def test_reset_optimizer_clears_moments_and_restarts_the_schedule(model_dir):
     backend.reset_optimizer()
     assert not backend.optimizer.state and backend.step == 0
     assert backend.train_step(batch, LossConfig())["lr"] == pytest.approx(2.5e-3)
+
+
+def test_liger_kernels_are_refused_where_they_cannot_run(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orchestration import load_config
+    from orchestration.errors import ConfigError
+
+    path = tmp_path / "m"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
+    with pytest.raises(ValueError, match="learner.kernels=liger runs Liger Kernel's Triton kernels, which need a GPU; "
+                                         "this learner is on cpu"):
+        TorchBackend(str(path), OptimConfig(), device="cpu", kernels="liger")
+    with pytest.raises(ValueError, match="learner.kernels='fused' is not one of: torch, liger"):
+        TorchBackend(str(path), OptimConfig(), device="cpu", kernels="fused")
+    with pytest.raises(ConfigError, match="learner.kernels=liger is an option of learner.backend=torch"):
+        load_config(["learner.backend=megatron", "learner.kernels=liger"])

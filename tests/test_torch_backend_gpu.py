@@ -124,3 +124,19 @@ def test_rms_norms_run_fused_and_match_transformers(model_dir):
     x = torch.randn(3, 17, 256, device="cuda", dtype=torch.bfloat16)
     for norm in norms:
         assert rel(norm(x), type(norm).forward(norm, x)) < 1e-2
+
+
+def test_liger_kernels_agree_with_ours_and_keep_policy_and_reference_alike(model_dir):
+    """learner.kernels=liger: Liger Kernel's RoPE, RMSNorm and SwiGLU in policy and reference both, so the first
+    step's DPO loss is ln 2 (no margin where policy == reference), and two steps land where ours do."""
+    pytest.importorskip("liger_kernel.transformers")
+    batches = [pairs(8, seed=5), pairs(8, seed=6)]
+    runs = {}
+    for kernels in ("torch", "liger"):
+        backend = TorchBackend(model_dir, OptimConfig(lr=1e-4, micro_batch_size=4), device="cuda", dtype="bfloat16",
+                               kernels=kernels)
+        losses_ = [backend.train_step(b, LossConfig(beta=0.1))["loss"] for b in batches]
+        runs[kernels] = (losses_, torch.cat([p.detach().float().flatten() for p in backend.module.parameters()]))
+    assert abs(runs["liger"][0][0] - math.log(2)) < 1e-3
+    assert abs(runs["liger"][0][1] - runs["torch"][0][1]) < 2e-2
+    assert rel(runs["liger"][1], runs["torch"][1]) < 1e-3

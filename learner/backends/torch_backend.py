@@ -90,13 +90,18 @@ class TorchBackend:
 
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
                  rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None,
-                 sharding: str = "ddp"):
+                 sharding: str = "ddp", kernels: str = "torch"):
         if dtype not in DTYPES:
             hint = " (float16 would need loss scaling; bfloat16 is as fast)" if dtype == "float16" else ""
             raise ValueError(f"learner.dtype={dtype!r} is not supported by the torch learner{hint}; "
                              f"use one of {', '.join(DTYPES)}")
         if sharding not in fsdp.SHARDINGS:
             raise ValueError(f"learner.sharding={sharding!r} is not one of: {', '.join(fsdp.SHARDINGS)}")
+        self.kernels = kernels
+        if kernels == "liger":
+            _check_liger(device, AutoConfig.from_pretrained(model_dir).model_type)
+        elif kernels != "torch":
+            raise ValueError(f"learner.kernels={kernels!r} is not one of: torch, liger")
         torch.manual_seed(seed)
         hf_logging.disable_progress_bar()  # per-load bars from every worker would drown the step lines
         self.model_dir = model_dir
@@ -156,7 +161,9 @@ class TorchBackend:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
                                                      attn_implementation=_CAUSAL_SDPA if causal else "sdpa")
         model = model.to(self.device)
-        if self.device.type == "cuda":
+        if self.kernels == "liger":  # every model this backend loads (policy and reference) computes alike
+            _LIGER_PATCHES[model.config.model_type](model)
+        elif self.device.type == "cuda":
             _fuse_rms_norms(model)
         return model
 
@@ -459,6 +466,35 @@ def _token_logprobs(runner: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
+
+
+def _liger(name: str):
+    """Liger Kernel's patch for one architecture: its Triton RoPE, RMSNorm and SwiGLU in the model instance (and
+    transformers' module functions); the loss path stays ours (the head runs on response positions only)."""
+    def patch(model: torch.nn.Module) -> None:
+        from liger_kernel import transformers as liger
+
+        getattr(liger, f"apply_liger_kernel_to_{name}")(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                                       fused_linear_cross_entropy=False, model=model)
+    return patch
+
+
+_LIGER_PATCHES = {"llama": _liger("llama"), "mistral": _liger("mistral"), "qwen2": _liger("qwen2"),
+                  "qwen3": _liger("qwen3")}
+
+
+def _check_liger(device: str, model_type: str) -> None:
+    """ValueError unless learner.kernels=liger can run here: a GPU, the package, an architecture it patches."""
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"learner.kernels=liger runs Liger Kernel's Triton kernels, which need a GPU; this learner "
+                         f"is on {device}: use learner.kernels=torch")
+    if model_type not in _LIGER_PATCHES:
+        raise ValueError(f"learner.kernels=liger patches {', '.join(sorted(_LIGER_PATCHES))} models, not "
+                         f"{model_type!r}: use learner.kernels=torch")
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"learner.kernels=liger needs Liger Kernel ({e}): pip install liger-kernel") from None
 
 
 def _fuse_rms_norms(model: torch.nn.Module) -> None:
