@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.ceilings import matmul_ceiling  # noqa: E402
 from benchmarks.shapes import SHAPES, hf_config, kv_bytes_per_token  # noqa: E402
 
 
@@ -75,22 +76,6 @@ def roofline_tokens_per_s(shape: str, batch: int, prompt: int, new: int, weight_
     kv_per_token = kv_bytes_per_token(shape, bytes_per)
     seconds = sum((weight_bytes + batch * (prompt + t) * kv_per_token) / bandwidth for t in range(new))
     return batch * new / seconds
-
-
-def matmul_rate(n: int = 8192) -> float:
-    """bf16 FLOP/s of an n^3 matrix product on random data (median; three input sets in turn)."""
-    inputs = [(torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
-               torch.randn(n, n, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
-    times = []
-    for i in range(23):
-        a, b = inputs[i % 3]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n**3 / statistics.median(times[3:])
 
 
 def compute_aware_floor(shape: str, batch: int, prompt: int, new: int, weight_bytes: int, bandwidth: float,
@@ -330,7 +315,7 @@ def main() -> None:
     print(f"hardware: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs; "
           f"torch {torch.__version__}, CUDA {torch.version.cuda}")
     bandwidth = copy_bandwidth()
-    args.matmul_rate = matmul_rate()
+    args.matmul_rate = matmul_ceiling("cuda", 8192)
     for shape in (list(SHAPES) if "all" in args.shape else args.shape):
         one_shape(shape, args, bandwidth)
 

@@ -41,12 +41,13 @@ import gc
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.ceilings import matmul_ceiling, timed  # noqa: E402
 
 # Llama-3.2-1B's config.json (rope scaling included), random weights.
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -88,33 +89,6 @@ def step_flops(c: dict, prompt: int, response: int, pairs: int) -> tuple[float, 
     per_sequence = 3 * forward + forward  # policy forward + backward, reference forward
     sequences = 2 * pairs
     return sequences * per_sequence, sequences * (per_sequence + 8 * n_head * prompt)
-
-
-def matmul_ceiling(device: str, n: int, repeats: int = 20) -> float:
-    """FLOP/s of an n^3 matmul (bf16 on GPU, float32 on CPU) on random data, median; three input sets in turn."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    inputs = [(torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
-              for _ in range(3)]
-    times = []
-    for i in range(repeats + 5):
-        a, b = inputs[i % 3]
-        times.append(_timed(device, lambda: a @ b))
-    return 2 * n**3 / statistics.median(times[5:])
-
-
-def _timed(device: str, fn) -> float:
-    """Seconds of fn(), by CUDA events on the GPU (fn's own host syncs included) or the host clock on the CPU."""
-    if device != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3
 
 
 def dpo_batches(count: int, pairs: int, prompt: int, response: int, vocab: int, seed: int = 1):
@@ -194,7 +168,7 @@ def main() -> None:
                 losses = [backend.train_step(b, loss_cfg)["loss"] for b in batches[: args.warmup]]
                 times = []
                 for b in batches[args.warmup :]:
-                    times.append(_timed(device, lambda: losses.append(backend.train_step(b, loss_cfg)["loss"])))
+                    times.append(timed(device, lambda: losses.append(backend.train_step(b, loss_cfg)["loss"])))
                 if not all(map(lambda x: x == x and abs(x) < 1e3, losses)):
                     raise RuntimeError(f"{dtype} micro-batch {mb}: the DPO loss went non-finite: {losses}")
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
@@ -214,7 +188,7 @@ def main() -> None:
             flops, flops_6nt = step_flops(shape, args.prompt, args.response, args.pairs)
             torch.cuda.reset_peak_memory_stats()
             losses = [backend.train_step(b, loss_cfg)["loss"] for b in batches[: args.warmup]]
-            times = [_timed(device, lambda: losses.append(backend.train_step(b, loss_cfg)["loss"]))
+            times = [timed(device, lambda: losses.append(backend.train_step(b, loss_cfg)["loss"]))
                      for b in batches[args.warmup :]]
             print(f"bfloat16 + Liger kernels, micro-batch {mb}: step ms {[round(t * 1e3, 1) for t in times]}, "
                   f"losses {[round(x, 4) for x in losses]}", flush=True)
@@ -310,7 +284,7 @@ def head_comparison(shape: dict, pairs: int, response: int, warmup: int, repeats
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        times = sorted(_timed(device, step) for _ in range(repeats))
+        times = sorted(timed(device, step) for _ in range(repeats))
         peak = f"{(torch.cuda.max_memory_allocated() - base) / 2**30:.2f}" if cuda else "-"
         print(f"| {name} | {statistics.median(times) * 1e3:.1f} | {peak} | {errors[0]:.1e} | {errors[1]:.1e} | "
               f"{errors[2]:.1e} |", flush=True)

@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.ceilings import matmul_ceiling  # noqa: E402
 from benchmarks.shapes import LLAMA_1B  # noqa: E402
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -62,20 +63,6 @@ def step_flops(c: dict, sequences: int, seq_len: int) -> float:
     attention = sequences * c["num_hidden_layers"] * 4 * seq_len * seq_len * head_dim * c["num_attention_heads"]
     forward = 2 * matmul_flops(c) * tokens + attention
     return 4 * forward  # policy forward + backward (3x) and reference forward (1x)
-
-
-def matmul_ceiling_tflops(n: int = 8192, repeats: int = 20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    times = []
-    for _ in range(repeats + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n**3 / statistics.median(times[3:]) / 1e12
 
 
 def build_model_dir(root: Path, shape: dict, gpu: bool) -> str:
@@ -160,7 +147,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="megatron-step-") as tmp:
         model_dir = build_model_dir(Path(tmp), shape, gpu)
-        ceiling = matmul_ceiling_tflops() if gpu else None
+        ceiling = matmul_ceiling("cuda", 8192) / 1e12 if gpu else None
         if gpu:
             torch.cuda.empty_cache()
         with socket.socket() as s:
