@@ -12,7 +12,7 @@ here). Prints the hardware and one table per shape.
     python benchmarks/engine_decode.py --skip-hf       # the engine only
     python benchmarks/engine_decode.py --sdpa          # also the engine with SDPA decode attention
 
-Below the table: where the run's time goes. Prefill (a run with one new token) against its compute floor;
+Below the table: where the run's time goes. Prefill (a run with one new token), its wall and kernel time;
 the decode steps' GPU kernel time by kind, from torch.profiler over a whole run less the prefill-only run,
 against the wall time per step (the difference is time the GPU waits for the host); a second floor that
 also counts arithmetic (prefill's matrix products, and each decode step's max(bytes / bandwidth, FLOPs /
@@ -120,9 +120,9 @@ def kernel_ms(fn) -> dict[str, float]:
     return out
 
 
-def phase_breakdown(engine, requests, new: int, seconds: float, repeats: int) -> tuple[float, list[str]]:
-    """Prefill seconds (a run of one new token), and lines: decode ms per step, and the decode steps' GPU
-    kernel time by kind (a whole run's profile less the prefill-only run's)."""
+def phase_breakdown(engine, requests, new: int, seconds: float, repeats: int) -> list[str]:
+    """Lines: prefill's time (a run of one new token), decode ms per step, and the decode steps' GPU kernel
+    time by kind (a whole run's profile less the prefill-only run's)."""
     import dataclasses
 
     first = [dataclasses.replace(r, sampling=dataclasses.replace(r.sampling, max_new_tokens=1)) for r in requests]
@@ -145,7 +145,7 @@ def phase_breakdown(engine, requests, new: int, seconds: float, repeats: int) ->
              f"prefill GPU kernels {sum(only_prefill.values()):.1f} ms",
              f"decode: {wall:.3f} ms per step (wall, the run less its prefill, over {steps} steps); GPU kernels "
              f"{busy:.3f} ms per step ({kinds}); the GPU waits for the host {max(wall - busy, 0):.3f} ms per step"]
-    return prefill, lines
+    return lines
 
 
 def prompts(batch: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
@@ -225,7 +225,7 @@ def time_engine(model_dir: Path, ids: list[list[int]], new: int, dtype: str, rep
     assert all(len(r.token_ids) == new for r in out), "a sequence stopped early"
     notes = []
     if bandwidth:
-        notes = phase_breakdown(engine, requests, new, statistics.median(times), repeats)[1]
+        notes = phase_breakdown(engine, requests, new, statistics.median(times), repeats)
         notes += step_breakdown(engine, len(ids), len(ids[0]), new, bandwidth, profile)
     del engine
     torch.cuda.empty_cache()

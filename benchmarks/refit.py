@@ -79,21 +79,17 @@ def prepare(root: str, shape: dict, cpu: bool, repeats: int, one_gpu: bool = Fal
 
 
 def _pack_alone(model, repeats: int = 10) -> list[float]:
-    """Seconds of the cuda_ipc pack without Ray: one multi-tensor copy of every sent weight into views of one
-    flat buffer (learner/ipc_source.py does this each refit; the engine's copy out is the same work)."""
-    from refit_wire import bucket_layout, entry_views
+    """Seconds of the cuda_ipc pack without Ray: learner/ipc_source.py's export of every sent weight into its
+    shared buffer, called in this process (the engine's copy out is the same work)."""
+    from learner.ipc_source import IpcSource
 
-    tensors = {n: t for n, t in model.state_dict().items() if n != "lm_head.weight"}
-    entry = bucket_layout(tensors.items(), 1 << 62, "bfloat16")[0]
-    buffer = torch.empty(entry["nbytes"], dtype=torch.uint8, device="cuda:0")
-    views = entry_views(entry, buffer)
-    dst, src = list(views.values()), [tensors[n] for n in views]
+    source, device = IpcSource(), torch.device("cuda:0")
+    named = [(n, t) for n, t in model.state_dict().items() if n != "lm_head.weight"]
     times = []
     for _ in range(3 + repeats):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        torch._foreach_copy_(dst, src)
-        torch.cuda.synchronize()
+        source.export(named, "bfloat16", device)  # waits for its copy
         times.append(time.perf_counter() - t0)
     return times[3:]
 

@@ -162,7 +162,7 @@ class TorchBackend:
                                                      attn_implementation=_CAUSAL_SDPA if causal else "sdpa")
         model = model.to(self.device)
         if self.kernels == "liger":  # every model this backend loads (policy and reference) computes alike
-            _LIGER_PATCHES[model.config.model_type](model)
+            _apply_liger(model)
         elif self.device.type == "cuda":
             _fuse_rms_norms(model)
         return model
@@ -468,19 +468,16 @@ def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 
-def _liger(name: str):
-    """Liger Kernel's patch for one architecture: its Triton RoPE, RMSNorm and SwiGLU in the model instance (and
-    transformers' module functions); the loss path stays ours (the head runs on response positions only)."""
-    def patch(model: torch.nn.Module) -> None:
-        from liger_kernel import transformers as liger
-
-        getattr(liger, f"apply_liger_kernel_to_{name}")(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                                       fused_linear_cross_entropy=False, model=model)
-    return patch
+_LIGER_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # each has an apply_liger_kernel_to_<type>
 
 
-_LIGER_PATCHES = {"llama": _liger("llama"), "mistral": _liger("mistral"), "qwen2": _liger("qwen2"),
-                  "qwen3": _liger("qwen3")}
+def _apply_liger(model: torch.nn.Module) -> None:
+    """Liger Kernel's Triton RoPE, RMSNorm and SwiGLU in the model instance (and transformers' module functions);
+    the loss path stays ours (the head runs on response positions only)."""
+    from liger_kernel import transformers as liger
+
+    patch = getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
 
 
 def _check_liger(device: str, model_type: str) -> None:
@@ -488,8 +485,8 @@ def _check_liger(device: str, model_type: str) -> None:
     if torch.device(device).type != "cuda":
         raise ValueError(f"learner.kernels=liger runs Liger Kernel's Triton kernels, which need a GPU; this learner "
                          f"is on {device}: use learner.kernels=torch")
-    if model_type not in _LIGER_PATCHES:
-        raise ValueError(f"learner.kernels=liger patches {', '.join(sorted(_LIGER_PATCHES))} models, not "
+    if model_type not in _LIGER_MODELS:
+        raise ValueError(f"learner.kernels=liger patches {', '.join(sorted(_LIGER_MODELS))} models, not "
                          f"{model_type!r}: use learner.kernels=torch")
     try:
         import liger_kernel.transformers  # noqa: F401
