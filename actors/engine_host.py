@@ -105,15 +105,16 @@ class EngineHost:
         """CUDA IPC refit set-up: map the learner's buffer and check its layout, loading nothing."""
         self.ipc.map(self.engine, torch.device(self.spec.device), export)
 
-    def load_ipc(self, version: int, export: dict) -> int:
-        """CUDA IPC refit (actors/ipc_receiver.py): copy the learner's shared buffer in, then serve `version`.
-        A copy that fails part way leaves mixed weights, so the replica refuses work until it gets whole ones."""
+    def load_ipc(self, version: int, export: dict) -> tuple[str, int]:
+        """CUDA IPC refit (actors/ipc_receiver.py): copy the learner's exported weights in, then serve `version`;
+        returns `status()` (the refit's one call also tells a restart). A copy that fails part way leaves mixed
+        weights, so the replica refuses work until it gets whole ones."""
         self.ipc.map(self.engine, torch.device(self.spec.device), export)
         self.stale = True
         self.ipc.copy()
         self.engine.weight_version = version
         self.stale = False
-        return self.engine.weight_version
+        return self.status()
 
     def weight_version(self) -> int:
         """The version served; -1 while a restarted replica waits for its weights."""

@@ -12,10 +12,12 @@ warm-up of:
 Before timing, one trained step is refit and the engine's weights are checked against the learner's.
 Prints one table and the hardware. Target: refit >= 70% of the copy bandwidth.
 
---one-gpu: the one-GPU layout instead: learner and engine on halves of GPU 0; the reference is one copy of
-the same bytes within GPU 0 (`.clone()`), and the rows are `refit` end to end over cuda_ipc (learner packs
-into its shared buffer, the engine copies from it: two copies, so at most 50% of the reference) and over
-the object store (through host memory). Target: cuda_ipc >= 50% of the copy for the 1B shape.
+--one-gpu: the one-GPU layout instead: learner (mixed precision, as runs train) and engine on halves of GPU 0;
+the reference is one copy of the same bytes within GPU 0 (`.clone()`), and the rows are `refit` end to end
+over cuda_ipc live (the engine copies straight from the learner's bf16 weights: one copy, one Ray call),
+its parts (a no-op Ray call to the engine; the copy timed inside the engine's process), cuda_ipc staged (the
+megatron/fsdp2 path: the learner packs into its buffer first, two calls and two copies) and the object store
+(through host memory). Target: cuda_ipc >= 50% of the copy for the 1B shape.
 
     python benchmarks/refit.py                 # two GPUs (about a minute)
     python benchmarks/refit.py --one-gpu       # one GPU: cuda_ipc against the object store
@@ -89,7 +91,8 @@ def _pack_alone(model, repeats: int = 10) -> list[float]:
     for _ in range(3 + repeats):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        source.export(named, "bfloat16", device)  # waits for its copy
+        source.export(named, "bfloat16", device, live=False)
+        torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times[3:]
 
@@ -209,8 +212,8 @@ def end_to_end(model_dir: str, bucket_sizes: list[int], backend: str, cpu: bool,
 
 
 def one_gpu_refits(model_dir: str, repeats: int, log) -> dict:
-    """Median seconds of `refit` over cuda_ipc and over the object store, learner and engine on one GPU,
-    after checking one refit of trained weights over cuda_ipc."""
+    """Median seconds of `refit` over the object store, cuda_ipc live and cuda_ipc staged, learner and engine
+    on one GPU, each after checking one refit of trained weights; and the live refit's parts."""
     from actors.engines import EngineSpec
     from actors.generator import GeneratorActor
     from learner.group import LearnerGroup, LearnerSpec
@@ -228,10 +231,12 @@ def one_gpu_refits(model_dir: str, repeats: int, log) -> dict:
     pools = Pools(EnginePool("generator", [engine], 0, log=log), EnginePool("judge", [], 0), learner)
     out, version = {}, 0
     log("pools up")
-    for transport in ("object_store", "cuda_ipc"):
+    for transport in ("object_store", "cuda_ipc live", "cuda_ipc staged"):
         log(f"{transport}: timing")
+        if transport == "cuda_ipc staged":  # what a backend with gathered weights does (megatron, fsdp2)
+            ray.get(learner.workers[0].__ray_call__.remote(_export_staged))
         t0 = time.perf_counter()
-        if transport == "cuda_ipc":
+        if transport != "object_store":
             use_cuda_ipc(pools)
         out[f"{transport} set-up"] = time.perf_counter() - t0
         ray.get(learner.train_step_async([TrainSample([1, 2, 3], [4, 5], [6, 7])], LossConfig()))
@@ -248,27 +253,34 @@ def one_gpu_refits(model_dir: str, repeats: int, log) -> dict:
             refit(pools, version)
             times.append(time.perf_counter() - t0)
         out[transport] = times[2:]
-    out.update(_ipc_phases(pools, version, repeats))
+        if transport == "cuda_ipc live":
+            out.update(_live_parts(engine, repeats))
     pools.shutdown()
     return out
 
 
-def _ipc_phases(pools, version: int, repeats: int) -> dict:
-    """The cuda_ipc refit's two Ray calls timed apart: learner rank 0's pack, then the engine's copy."""
-    import ray
+def _export_staged(worker) -> None:
+    """Run inside learner rank 0 (Ray's __ray_call__): export through the staging buffer from now on."""
+    worker.backend.live_weights = False
 
-    ipc = pools.collective
-    engine = pools.generators.actors[0]
-    export_s, load_s = [], []
-    for _ in range(2 + repeats):
-        version += 1
+
+def _copy_inside(host) -> float:
+    """Run inside the engine's process: seconds of the CUDA IPC copy alone (wait on the learner's event, the
+    multi-tensor copy, the synchronisation)."""
+    t0 = time.perf_counter()
+    host.ipc.copy()
+    return time.perf_counter() - t0
+
+
+def _live_parts(engine, repeats: int) -> dict:
+    """The live refit's two parts: a Ray call that does nothing, and the copy timed inside the engine."""
+    noop, copy = [], []
+    for _ in range(3 + repeats):
         t0 = time.perf_counter()
-        export = ipc._export()
-        t1 = time.perf_counter()
-        ray.get(engine.load_ipc.remote(version, export))
-        export_s.append(t1 - t0)
-        load_s.append(time.perf_counter() - t1)
-    return {"ipc export call": export_s[2:], "ipc load call": load_s[2:]}
+        ray.get(engine.weight_version.remote())
+        noop.append(time.perf_counter() - t0)
+        copy.append(ray.get(engine.__ray_call__.remote(_copy_inside)))
+    return {"ray no-op call": noop[3:], "copy inside engine": copy[3:]}
 
 
 def main_one_gpu(repeats: int) -> None:
@@ -281,18 +293,22 @@ def main_one_gpu(repeats: int) -> None:
         print(f"hardware: {prep['hardware']}")
         e2e = one_gpu_refits(model_dir, repeats, log=lambda line: print(line, file=sys.stderr, flush=True))
     nbytes, copy_s = prep["nbytes"], statistics.median(prep["copy_s"])
-    rows = [("copy within GPU0 (clone)", copy_s), ("refit, cuda_ipc", statistics.median(e2e["cuda_ipc"])),
-            ("  learner pack (Ray call)", statistics.median(e2e["ipc export call"])),
-            ("  engine copy (Ray call)", statistics.median(e2e["ipc load call"])),
-            ("  pack alone, no Ray", statistics.median(prep["pack_s"])),
-            ("refit, object store", statistics.median(e2e["object_store"]))]
-    print(f"model: Llama-3.2-1B shape, bf16, {nbytes / 1e9:.3f} GB sent; learner and engine on one GPU; medians "
-          f"of {repeats} after warm-up; cuda_ipc set-up (first use, not in the table): {e2e['cuda_ipc set-up']:.2f} s")
+    median = lambda key: statistics.median(e2e[key])  # noqa: E731
+    rows = [("copy within GPU0 (clone)", copy_s), ("refit, cuda_ipc live", median("cuda_ipc live")),
+            ("  Ray call doing nothing", median("ray no-op call")),
+            ("  copy inside the engine", median("copy inside engine")),
+            ("refit, cuda_ipc staged", median("cuda_ipc staged")),
+            ("  its pack alone, no Ray", statistics.median(prep["pack_s"])),
+            ("refit, object store", median("object_store"))]
+    print(f"model: Llama-3.2-1B shape, bf16, {nbytes / 1e9:.3f} GB sent; learner (mixed precision) and engine on "
+          f"one GPU; medians of {repeats} after warm-up; cuda_ipc set-up (first use, not in the table): live "
+          f"{e2e['cuda_ipc live set-up']:.2f} s, staged {e2e['cuda_ipc staged set-up']:.2f} s")
     print(f"| {'measurement':<26} | {'ms':>9} | {'GB/s':>7} | {'of copy':>7} |")
     print(f"|{'-' * 28}|{'-' * 11}|{'-' * 9}|{'-' * 9}|")
     for name, seconds in rows:
         print(f"| {name:<26} | {seconds * 1e3:>9.2f} | {nbytes / seconds / 1e9:>7.1f} | {copy_s / seconds:>7.1%} |")
-    print(f"target: cuda_ipc refit >= 50% of the copy; here {copy_s / statistics.median(e2e['cuda_ipc']):.1%}")
+    print(f"target: cuda_ipc refit >= 50% of the copy; here {copy_s / median('cuda_ipc live'):.1%} (live), "
+          f"{copy_s / median('cuda_ipc staged'):.1%} (staged)")
     ray.shutdown()
 
 

@@ -94,7 +94,10 @@ class LearnerWorker:
         return True
 
     def train_step(self, samples: Sequence[TrainSample], loss_cfg: LossConfig) -> dict[str, float]:
-        return self.backend.train_step(samples, loss_cfg)
+        metrics = self.backend.train_step(samples, loss_cfg)
+        if self.ipc is not None and self.ipc.live:  # engines copying the live weights wait for this step
+            self.ipc.fence(self.backend.named_weights())
+        return metrics
 
     def sft_nll(self, samples: Sequence[TrainSample]) -> tuple[float, float]:
         return self.backend.sft_nll(samples)
@@ -145,11 +148,13 @@ class LearnerWorker:
         self.refit.send(self.backend.named_weights())
 
     def ipc_export(self, dtype: str | None) -> dict | None:
-        """CUDA IPC refit (learner/ipc_source.py): pack the weights into the shared buffer; what engines need to
-        copy them (rank 0; the other exporters take part in the gather and return None)."""
+        """CUDA IPC refit (learner/ipc_source.py): what engines need to copy the weights, live where the backend's
+        weights are its model's own tensors, else packed into the shared buffer (rank 0; the other exporters
+        take part in the gather and return None)."""
         if self.ipc is None:
             return self._take_part_in_gather()
-        return self.ipc.export(self.backend.named_weights(), dtype, self.backend.device)
+        return self.ipc.export(self.backend.named_weights(), dtype, self.backend.device,
+                               live=self.backend.live_weights)
 
     def _take_part_in_gather(self) -> None:
         for _ in self.backend.named_weights():  # yields nothing off rank 0; its collectives are the point

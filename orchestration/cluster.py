@@ -194,9 +194,13 @@ class EnginePool:
                 incarnation, _ = get_within(ref, self.timeout_s, f"{self.name} replica {i} reporting its status")
             except RECOVERABLE:
                 continue  # dead now: the call that needs it fails, and its recovery counts it
-            known, self.incarnations[i] = self.incarnations[i], incarnation
-            if known is not None and known != incarnation:
-                self.note_restart(i, "restarted by Ray while idle", "giving it the current weights")
+            self.note_incarnation(i, incarnation, "giving it the current weights")
+
+    def note_incarnation(self, replica: int, incarnation: str, then: str) -> None:
+        """Remember the process a replica answered from; a new one is a restart Ray made while it was idle."""
+        known, self.incarnations[replica] = self.incarnations[replica], incarnation
+        if known is not None and known != incarnation:
+            self.note_restart(replica, "restarted by Ray while idle", then)
 
     def load(self, version: int, refs: list) -> None:
         """Refit every replica to `version`; a replica that dies meanwhile is recovered (and so refit)."""

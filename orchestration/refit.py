@@ -136,32 +136,10 @@ class CollectiveRefit:
             loaded = get_within(actor.load_weights.remote(pool.version), pool.timeout_s,
                                 f"{pool.name} replica {replica} confirming its weights after a restart")
         else:
-            loaded = self._copy_from_peer(pool, replica)
+            loaded = copy_from_peer(self.pools, pool, replica, self.log, self.backend)
         if loaded != pool.version:
             raise RefitFailed(f"{pool.name} replica {replica} reports version {loaded} after its restore "
                                f"to {pool.version}")
-
-    def _copy_from_peer(self, pool: EnginePool, replica: int) -> int:
-        peers = [(pool, j) for j in range(len(pool)) if j != replica]
-        # Only pools that serve M_t hold the policy's weights (a fixed judge's are another model).
-        peers += [(other, j) for other in self.pools.policy_pools if other is not pool for j in range(len(other))]
-        for peer, j in peers:
-            if peer.version != pool.version:
-                continue
-            try:
-                version, refs = ray.get(peer.call(j, "export_weights", DEFAULT_BUCKET_BYTES),
-                                        timeout=peer.timeout_s)
-            except (GetTimeoutError, *RECOVERABLE):
-                continue  # not healthy now
-            if version == pool.version:
-                loaded = get_within(pool.actors[replica].load_weights.remote(version, *refs), pool.timeout_s,
-                                    f"{pool.name} replica {replica} loading weights from {peer.name} replica {j}")
-                self.log(f"[refit] {pool.name} replica {replica} restored to version {version} from "
-                         f"{peer.name} replica {j}")
-                return loaded
-        raise ReplicaFailed(f"{pool.name} replica {replica} restarted and no healthy replica serves weight version "
-                            f"{pool.version} to copy it from (the {self.backend} refit keeps no copy of its own, "
-                            "and the learner may have trained past that version): resume from the last checkpoint")
 
     def _members_in_group(self) -> bool:
         """Whether every engine is in the current group (a replica Ray restarted reports none). One found dead
@@ -208,3 +186,27 @@ def member_ranks(ranks_per_replica: list[int]) -> tuple[list[int], int]:
         first.append(next_rank)
         next_rank += n
     return first, next_rank
+
+
+def copy_from_peer(pools: Pools, pool: EnginePool, replica: int, log, transport: str) -> int:
+    """Give a restarted replica the version its pool serves from a healthy replica serving it (through the
+    object store), for transports that keep no copy of their own; the version it then reports. ReplicaFailed
+    when no replica serves that version."""
+    peers = [(pool, j) for j in range(len(pool)) if j != replica]
+    # Only pools that serve M_t hold the policy's weights (a fixed judge's are another model).
+    peers += [(other, j) for other in pools.policy_pools if other is not pool for j in range(len(other))]
+    for peer, j in peers:
+        if peer.version != pool.version:
+            continue
+        try:
+            version, refs = ray.get(peer.call(j, "export_weights", DEFAULT_BUCKET_BYTES), timeout=peer.timeout_s)
+        except (GetTimeoutError, *RECOVERABLE):
+            continue  # not healthy now
+        if version == pool.version:
+            loaded = get_within(pool.actors[replica].load_weights.remote(version, *refs), pool.timeout_s,
+                                f"{pool.name} replica {replica} loading weights from {peer.name} replica {j}")
+            log(f"[refit] {pool.name} replica {replica} restored to version {version} from {peer.name} replica {j}")
+            return loaded
+    raise ReplicaFailed(f"{pool.name} replica {replica} restarted and no healthy replica serves weight version "
+                        f"{pool.version} to copy it from (the {transport} refit keeps no copy of its own, "
+                        "and the learner may have trained past that version): resume from the last checkpoint")

@@ -45,7 +45,7 @@ def test_an_option_the_backend_does_not_take_names_the_key():
 def test_the_protocol_states_the_contract():
     assert {"train_step", "sft_nll", "logprobs", "update_reference", "reset_optimizer", "named_weights",
             "export_buckets", "rng_state", "save", "load_training_state", "data_parallel"} <= set(METHODS)
-    assert {"gathers_weights", "device"} <= set(ATTRIBUTES)
+    assert {"gathers_weights", "live_weights", "device"} <= set(ATTRIBUTES)
 
 
 @pytest.mark.parametrize("name", registered())
@@ -61,16 +61,17 @@ def test_every_registered_backend_has_every_member_of_the_protocol(name):
         wanted = list(inspect.signature(ours).parameters)
         have = list(inspect.signature(theirs).parameters)
         assert have[: len(wanted)] == wanted, f"{cls.__name__}.{member}{tuple(have)} is not {tuple(wanted)}"
-    assert isinstance(cls.gathers_weights, bool)
+    assert isinstance(cls.gathers_weights, bool) and isinstance(cls.live_weights, bool)
     params = inspect.signature(cls).parameters
     assert list(params)[:2] == ["model_dir", "optim"]
     assert {"device", "dtype", "rank", "world_size", "seed", "reference_dir"} <= set(params)
 
 
 def test_capabilities_differ_where_the_backends_do():
-    assert backend_class("torch").gathers_weights is False
+    assert backend_class("torch").gathers_weights is False and backend_class("torch").live_weights is True
     if megatron.available():
         assert backend_class("megatron").gathers_weights is True
+        assert backend_class("megatron").live_weights is False
 
 
 def test_a_built_torch_backend_satisfies_the_protocol(model_dir):

@@ -214,9 +214,9 @@ def test_a_cuda_ipc_export_is_refused_by_an_engine_on_the_cpu_and_by_a_learner_o
     from learner.ipc_source import IpcSource
 
     with pytest.raises(ValueError, match="needs the learner on a GPU; it is on cpu"):
-        IpcSource().export([("w", torch.zeros(2))], "bfloat16", torch.device("cpu"))
+        IpcSource().export([("w", torch.zeros(2))], "bfloat16", torch.device("cpu"), live=True)
     with pytest.raises(ValueError, match="needs engines on a GPU; this one is on cpu"):
-        IpcReceiver().map(None, torch.device("cpu"), {"device": "GPU-x", "token": "t", "layout": [], "handle": ()})
+        IpcReceiver().map(None, torch.device("cpu"), {"device": "GPU-x", "token": "t", "layout": [], "handles": []})
 
 
 def test_auto_falls_back_to_the_object_store_when_a_replica_is_on_another_gpu(monkeypatch):

@@ -1,7 +1,8 @@
-"""The CUDA IPC refit on one GPU (run on the GPU machine; skipped without CUDA): learner rank 0 and an engine
-replica on fractions of the same GPU, as the one-GPU layout places them. A float32 learner exports bfloat16
-(the engine's dtype), the engine copies it from the mapped buffer and reports the new version, and a replica
-Ray restarts is restored from the learner's buffer."""
+"""The CUDA IPC refit on one GPU (run on the GPU machine; skipped without CUDA): learner rank 0 and engine
+replicas on fractions of the same GPU, as the one-GPU layout places them. A float32 learner's live weights
+(one storage per parameter) are copied by the engines straight into bfloat16 and the new version served;
+the staged path (megatron, fsdp2) does the same through the learner's buffer; a replica Ray restarts after
+a live refit is restored from its peer, the learner having trained on."""
 
 from __future__ import annotations
 
@@ -27,17 +28,21 @@ def pools(ray_session, model_dir):  # noqa: F811
     group = LearnerGroup(LearnerSpec(model_dir=model_dir, optim=OptimConfig(lr=1e-2, micro_batch_size=2),
                                      workers=1, num_cpus=1, num_gpus=0.4, dtype="float32"))
     spec = EngineSpec(model_dir=model_dir, device="cuda", dtype="bfloat16", max_batch_size=4, max_seq_len=128)
-    engine = engine_actor(GeneratorActor, num_cpus=1, num_gpus=0.3, max_restarts=1).remote(spec)
-    ray.get(engine.weight_version.remote())
-    pools = Pools(EnginePool("generator", [engine], max_restarts=1, log=lambda _: None),
+    engines = [engine_actor(GeneratorActor, num_cpus=1, num_gpus=0.3, max_restarts=1).remote(spec) for _ in range(2)]
+    ray.get([engine.weight_version.remote() for engine in engines])
+    pools = Pools(EnginePool("generator", engines, max_restarts=1, log=lambda _: None),
                   EnginePool("judge", [], max_restarts=0), group)
     yield pools
     pools.shutdown()
 
 
-def test_cuda_ipc_refit_gives_the_engine_the_learners_weights_and_version(pools, tmp_path):
+@pytest.mark.parametrize("live", [True, False], ids=["live", "staged"])
+def test_cuda_ipc_refit_gives_the_engine_the_learners_weights_and_version(pools, tmp_path, live):
+    if not live:  # what a backend whose weights are gathered copies does (megatron, fsdp2)
+        ray.get(pools.learner.workers[0].__ray_call__.remote(_export_staged))
     before, version = _engine_state(pools)
-    use_cuda_ipc(pools)  # maps the buffer, loads nothing
+    use_cuda_ipc(pools)  # maps the learner's memory, loads nothing
+    assert pools.collective.export["live"] is live
     assert _engine_state(pools) == (before, 0)
     for v in (1, 2):
         ray.get(pools.learner.train_step_async(BATCH, LossConfig(beta=0.5)))
@@ -49,7 +54,11 @@ def test_cuda_ipc_refit_gives_the_engine_the_learners_weights_and_version(pools,
         before = digest
 
 
-def test_a_restarted_replica_is_restored_from_the_learners_buffer(pools, tmp_path):
+def _export_staged(worker) -> None:
+    worker.backend.live_weights = False
+
+
+def test_a_replica_restarted_after_a_live_refit_is_restored_from_its_peer(pools, tmp_path):
     use_cuda_ipc(pools)
     ray.get(pools.learner.train_step_async(BATCH, LossConfig(beta=0.5)))
     refit(pools, version=1)

@@ -40,6 +40,9 @@ class LearnerBackend(Protocol):
     # Whether the full weights exist only by gathering over ranks: then every rank must take part in
     # named_weights, export_buckets and save (the others yield or return nothing); otherwise rank 0 alone.
     gathers_weights: bool
+    # Whether named_weights yields the model's own tensors, updated in place by every step (not gathered or
+    # converted copies): a CUDA IPC refit then maps them instead of packing a copy (learner/ipc_source.py).
+    live_weights: bool
     device: torch.device
 
     @property

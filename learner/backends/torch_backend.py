@@ -87,6 +87,7 @@ def _sdpa_priority():
 
 class TorchBackend:
     gathers_weights = False  # with ddp rank 0 holds the full weights; an fsdp2 instance sets True
+    live_weights = True  # named_weights yields the model's own tensors (fsdp2: gathered copies, so False)
 
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
                  rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None,
@@ -114,6 +115,7 @@ class TorchBackend:
         self.dtype = getattr(torch, dtype)
         self.sharded = sharding == "fsdp2" and world_size > 1
         self.gathers_weights = self.sharded
+        self.live_weights = not self.sharded
         model = self._load(model_dir, torch.float32)
         if self.sharded:
             self._shard(model, reference_dir or model_dir)

@@ -65,6 +65,7 @@ class _MicroBatch:
 
 class MegatronBackend:
     gathers_weights = True  # weights are sharded over tensor and pipeline ranks: exports and saves gather them
+    live_weights = False  # named_weights converts megatron's fused layout to Hugging Face tensors
 
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
                  rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None,
