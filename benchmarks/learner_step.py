@@ -156,7 +156,8 @@ def main() -> None:
         for dtype, micro_batches, pairs in runs:
             optim = OptimConfig(lr=1e-6, warmup_steps=0, max_grad_norm=1.0, micro_batch_size=micro_batches[0])
             # As LearnerWorker.setup builds it for one GPU (no process group).
-            backend = TorchBackend(str(model_dir), optim, device=device, dtype=dtype, rank=0, world_size=1, seed=0)
+            backend = TorchBackend(str(model_dir), optim, device=device, dtype=dtype, rank=0, world_size=1, seed=0,
+                                   kernels="torch")
             batches = dpo_batches(args.warmup + args.repeats, pairs, args.prompt, args.response, shape["vocab_size"])
             flops, flops_6nt = step_flops(shape, args.prompt, args.response, pairs)
             tokens = 2 * pairs * (args.prompt + args.response)

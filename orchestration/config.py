@@ -252,8 +252,9 @@ class LearnerConfig:
     # over the data-parallel ranks); docs/learner_parallelism.md
     sharding: str = "ddp"
     # torch only: torch (our fused RMSNorm, transformers' rotary and SwiGLU) | liger (Liger Kernel's Triton RoPE,
-    # RMSNorm and SwiGLU, in policy and reference alike; GPU, `pip install liger-kernel`); benchmarks/NOTES.md
-    kernels: str = "torch"
+    # RMSNorm and SwiGLU, in policy and reference alike; GPU, `pip install liger-kernel`) | auto (liger where it
+    # can run: faster, benchmarks/NOTES.md; torch elsewhere, e.g. on CPU); megatron ignores auto
+    kernels: str = "auto"
     tensor_parallel: int = 1  # megatron only: cluster.learner.workers = tensor x pipeline x data parallel
     pipeline_parallel: int = 1
     optim: OptimSchema = field(default_factory=OptimSchema)
@@ -316,7 +317,7 @@ CHOICES = {
     "cluster.learner.strategy": PLACEMENT_STRATEGIES,
     "learner.dtype": ("float32", "bfloat16", "float16"),
     "learner.sharding": ("ddp", "fsdp2"),
-    "learner.kernels": ("torch", "liger"),
+    "learner.kernels": ("auto", "torch", "liger"),
     "cluster.refit_transport": ("auto", "nccl", "cuda_ipc", "gloo", "object_store"),
     "algorithm.reference_update": ("iteration", "initial"),
 }
@@ -615,7 +616,7 @@ def _validate_learner_layout(learner: LearnerConfig, workers: int) -> int:
     if learner.sharding != "ddp":
         raise ConfigError(f"learner.sharding={learner.sharding} is an option of learner.backend=torch; megatron "
                           "shards its optimizer state over data-parallel ranks itself (docs/megatron.md)")
-    if learner.kernels != "torch":
+    if learner.kernels == "liger":
         raise ConfigError(f"learner.kernels={learner.kernels} is an option of learner.backend=torch; megatron "
                           "runs its own fused kernels (docs/megatron.md)")
     from learner.backends import megatron

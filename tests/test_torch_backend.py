@@ -105,7 +105,7 @@ def test_reset_optimizer_clears_moments_and_restarts_the_schedule(model_dir):
     assert backend.train_step(batch, LossConfig())["lr"] == pytest.approx(2.5e-3)
 
 
-def test_liger_kernels_are_refused_where_they_cannot_run(tmp_path):
+def test_liger_kernels_are_refused_where_they_cannot_run_and_auto_takes_ours_there(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from orchestration import load_config
@@ -117,7 +117,8 @@ def test_liger_kernels_are_refused_where_they_cannot_run(tmp_path):
     with pytest.raises(ValueError, match="learner.kernels=liger runs Liger Kernel's Triton kernels, which need a GPU; "
                                          "this learner is on cpu"):
         TorchBackend(str(path), OptimConfig(), device="cpu", kernels="liger")
-    with pytest.raises(ValueError, match="learner.kernels='fused' is not one of: torch, liger"):
+    assert TorchBackend(str(path), OptimConfig(), device="cpu").kernels == "torch"  # auto, the default: no GPU
+    with pytest.raises(ValueError, match="learner.kernels='fused' is not one of: auto, torch, liger"):
         TorchBackend(str(path), OptimConfig(), device="cpu", kernels="fused")
     with pytest.raises(ConfigError, match="learner.kernels=liger is an option of learner.backend=torch"):
         load_config(["learner.backend=megatron", "learner.kernels=liger"])

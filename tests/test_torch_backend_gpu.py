@@ -128,7 +128,8 @@ def test_rms_norms_run_fused_and_match_transformers(model_dir):
 
 def test_liger_kernels_agree_with_ours_and_keep_policy_and_reference_alike(model_dir):
     """learner.kernels=liger: Liger Kernel's RoPE, RMSNorm and SwiGLU in policy and reference both, so the first
-    step's DPO loss is ln 2 (no margin where policy == reference), and two steps land where ours do."""
+    step's DPO loss is ln 2 (no margin where policy == reference), and two steps land where ours do; auto (the
+    default) takes it on a GPU."""
     pytest.importorskip("liger_kernel.transformers")
     batches = [pairs(8, seed=5), pairs(8, seed=6)]
     runs = {}
@@ -140,3 +141,4 @@ def test_liger_kernels_agree_with_ours_and_keep_policy_and_reference_alike(model
     assert abs(runs["liger"][0][0] - math.log(2)) < 1e-3
     assert abs(runs["liger"][0][1] - runs["torch"][0][1]) < 2e-2
     assert rel(runs["liger"][1], runs["torch"][1]) < 1e-3
+    assert TorchBackend(model_dir, OptimConfig(), device="cuda", dtype="bfloat16").kernels == "liger"  # auto

@@ -91,18 +91,21 @@ class TorchBackend:
 
     def __init__(self, model_dir: str, optim: OptimConfig, *, device: str = "cpu", dtype: str = "float32",
                  rank: int = 0, world_size: int = 1, seed: int = 0, reference_dir: str | None = None,
-                 sharding: str = "ddp", kernels: str = "torch"):
+                 sharding: str = "ddp", kernels: str = "auto"):
         if dtype not in DTYPES:
             hint = " (float16 would need loss scaling; bfloat16 is as fast)" if dtype == "float16" else ""
             raise ValueError(f"learner.dtype={dtype!r} is not supported by the torch learner{hint}; "
                              f"use one of {', '.join(DTYPES)}")
         if sharding not in fsdp.SHARDINGS:
             raise ValueError(f"learner.sharding={sharding!r} is not one of: {', '.join(fsdp.SHARDINGS)}")
-        self.kernels = kernels
-        if kernels == "liger":
-            _check_liger(device, AutoConfig.from_pretrained(model_dir).model_type)
-        elif kernels != "torch":
-            raise ValueError(f"learner.kernels={kernels!r} is not one of: torch, liger")
+        if kernels not in KERNELS:
+            raise ValueError(f"learner.kernels={kernels!r} is not one of: {', '.join(KERNELS)}")
+        if kernels != "torch":  # liger must fit; auto takes it where it fits (faster: benchmarks/NOTES.md)
+            unfit = _liger_unfit(device, AutoConfig.from_pretrained(model_dir).model_type)
+            if unfit and kernels == "liger":
+                raise ValueError(f"learner.kernels=liger {unfit}: use learner.kernels=torch")
+            kernels = "torch" if unfit else "liger"
+        self.kernels = kernels  # what runs: torch or liger
         torch.manual_seed(seed)
         hf_logging.disable_progress_bar()  # per-load bars from every worker would drown the step lines
         self.model_dir = model_dir
@@ -470,6 +473,7 @@ def _fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 
+KERNELS = ("auto", "torch", "liger")
 _LIGER_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # each has an apply_liger_kernel_to_<type>
 
 
@@ -482,18 +486,17 @@ def _apply_liger(model: torch.nn.Module) -> None:
     patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
 
 
-def _check_liger(device: str, model_type: str) -> None:
-    """ValueError unless learner.kernels=liger can run here: a GPU, the package, an architecture it patches."""
+def _liger_unfit(device: str, model_type: str) -> str:
+    """Why Liger Kernel cannot run here ("" where it can): it needs a GPU, the package, an architecture it patches."""
     if torch.device(device).type != "cuda":
-        raise ValueError(f"learner.kernels=liger runs Liger Kernel's Triton kernels, which need a GPU; this learner "
-                         f"is on {device}: use learner.kernels=torch")
+        return f"runs Liger Kernel's Triton kernels, which need a GPU; this learner is on {device}"
     if model_type not in _LIGER_MODELS:
-        raise ValueError(f"learner.kernels=liger patches {', '.join(sorted(_LIGER_MODELS))} models, not "
-                         f"{model_type!r}: use learner.kernels=torch")
+        return f"patches {', '.join(sorted(_LIGER_MODELS))} models, not {model_type!r}"
     try:
         import liger_kernel.transformers  # noqa: F401
     except ImportError as e:
-        raise ValueError(f"learner.kernels=liger needs Liger Kernel ({e}): pip install liger-kernel") from None
+        return f"needs Liger Kernel ({e}): pip install liger-kernel"
+    return ""
 
 
 def _fuse_rms_norms(model: torch.nn.Module) -> None:
