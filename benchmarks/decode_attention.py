@@ -1,11 +1,12 @@
 """Decode-attention kernel variants on one GPU: checked against float64, timed with CUDA events (medians).
 
-The engine's kernel (actors/engines/decode_attention.py, matrix units, query group padded to 16 rows)
-against a variant on the CUDA cores (`_fma_kernel` below: no padding, products as broadcasts), over the
-engine benchmark's shape (256 slots, Llama-3.2-1B heads, contexts 128..384). The floor is the keys and
-values read once, at the device-to-device copy bandwidth.
+The engine's kernel (actors/engines/decode_attention.py, matrix units, query group padded to 16 rows) over a
+sweep of its launch settings (keys per block, warps, pipeline stages, context splits), with the settings
+the engine picks marked, against a variant on the CUDA cores (`_fma_kernel` below: no padding, products as
+broadcasts), at the engine benchmark's batch (256 slots, contexts 128..384) and each shape's heads. The
+floor is the keys and values read once, at the device-to-device copy bandwidth.
 
-    python benchmarks/decode_attention.py
+    python benchmarks/decode_attention.py [--shape llama-3.2-1b smollm2-135m qwen2.5-0.5b]
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors.engines.decode_attention import LOG2E, decode_attention  # noqa: E402
+from actors.engines.decode_attention import LOG2E, Launch, decode_attention, launch_settings  # noqa: E402
+from benchmarks.shapes import SHAPES  # noqa: E402
 
 
 @triton.jit
@@ -78,12 +80,11 @@ def cuda_ms(fn, repeats=100, warmup=10):
     return statistics.median(times)
 
 
-def main():
-    torch.manual_seed(0)
-    slots, heads, kv_heads, dim, window = 256, 32, 8, 64, 392
-    src = torch.randn(1 << 28, device="cuda")
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / (cuda_ms(lambda: dst.copy_(src), 20) / 1e3)
+def sweep(name: str, bandwidth: float, slots: int = 256, window: int = 392) -> None:
+    c = SHAPES[name]
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    dim = c["hidden_size"] // heads
+    group = heads // kv_heads
     # Several layers' caches in rotation, so repeated runs do not read from L2.
     caches = [(torch.randn(slots, kv_heads, window, dim, device="cuda", dtype=torch.bfloat16),
                torch.randn(slots, kv_heads, window, dim, device="cuda", dtype=torch.bfloat16)) for _ in range(4)]
@@ -91,35 +92,47 @@ def main():
     lengths = torch.randint(128, 384, (slots,), device="cuda")
     nbytes = int(lengths.sum()) * kv_heads * dim * 2 * 2
     k0, v0 = caches[0]
-    ref = torch.stack([torch.softmax((q[b].double()[:, None] @ k0[b, :, :n].double().repeat_interleave(4, 0)
-                                      .transpose(1, 2))[:, 0] / 8, -1)[:, None]
-                       .matmul(v0[b, :, :n].double().repeat_interleave(4, 0))[:, 0]
+    ref = torch.stack([torch.softmax((q[b].double()[:, None] @ k0[b, :, :n].double().repeat_interleave(group, 0)
+                                      .transpose(1, 2))[:, 0] / dim**0.5, -1)[:, None]
+                       .matmul(v0[b, :, :n].double().repeat_interleave(group, 0))[:, 0]
                        for b, n in enumerate(lengths.tolist())])
-    variants = {f"engine kernel, block {bn}, {w} warps, {st} stages":
-                (lambda k, v, bn=bn, w=w, st=st: decode_attention(q, k, v, lengths, block_n=bn, num_warps=w,
-                                                                  num_stages=st))
-                for bn, w, st in [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3)]}
-    lengths32 = lengths.to(torch.int32)
-    variants.update({f"engine kernel, int32 lengths, block {bn}, {w} warps, {st} stages":
-                     (lambda k, v, bn=bn, w=w, st=st: decode_attention(q, k, v, lengths32, block_n=bn, num_warps=w,
-                                                                       num_stages=st))
-                     for bn, w, st in [(64, 4, 3), (32, 4, 3)]})
-    variants.update({f"engine kernel, {sp} splits, block 64, 4 warps, 3 stages":
-                     (lambda k, v, sp=sp: decode_attention(q, k, v, lengths, splits=sp)) for sp in (2, 4)})
-    variants.update({f"CUDA-core kernel, block {bn}, {w} warps":
-                     (lambda k, v, bn=bn, w=w: fma_attention(q, k, v, lengths, block_n=bn, num_warps=w))
-                     for bn, w in [(16, 4)]})
-    print(f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
-          f"{slots} slots x {heads}/{kv_heads} heads x {dim}, contexts 128..384: {nbytes / 1e6:.0f} MB per layer, "
-          f"floor {nbytes / bandwidth * 1e6:.1f} us")
-    print(f"| {'variant':<58} | {'rel. error':>10} | {'us':>7} | {'GB/s':>6} | {'of copy BW':>10} |")
-    print(f"|{'-' * 60}|{'-' * 12}|{'-' * 9}|{'-' * 8}|{'-' * 12}|")
-    for name, fn in variants.items():
+    picked = launch_settings(slots, kv_heads, group, torch.device("cuda"))
+    settings = sorted({Launch(bn, w, st, sp) for bn in (32, 64, 128) for w in (2, 4) for st in (2, 3)
+                       for sp in (1, 2)} | {picked})
+    variants = {key: (lambda k, v, key=key: decode_attention(q, k, v, lengths, **key._asdict())) for key in settings}
+    if group & (group - 1) == 0:  # the CUDA-core variant's tl.arange needs a power-of-two group
+        variants["CUDA-core kernel, block 16, 4 warps"] = lambda k, v: fma_attention(q, k, v, lengths, block_n=16)
+    print(f"\n{name}: {slots} slots x {heads}/{kv_heads} heads x {dim}, contexts 128..384: {nbytes / 1e6:.1f} MB "
+          f"per layer, floor {nbytes / bandwidth * 1e6:.1f} us; the engine picks (block, warps, stages, splits) "
+          f"= {picked}")
+    print(f"| {'variant (block, warps, stages, splits)':<44} | {'rel. error':>10} | {'us':>7} | {'of copy BW':>10} |")
+    print(f"|{'-' * 46}|{'-' * 12}|{'-' * 9}|{'-' * 12}|")
+    results = []
+    for key, fn in variants.items():
         err = ((fn(k0, v0).double() - ref).norm() / ref.norm()).item()
         i = iter(range(1 << 30))
         ms = cuda_ms(lambda: fn(*caches[next(i) % len(caches)]))
-        print(f"| {name:<58} | {err:10.2e} | {ms * 1e3:7.1f} | {nbytes / ms / 1e6:6.0f} | "
-              f"{nbytes / (ms / 1e3) / bandwidth:10.0%} |")
+        results.append((ms, key, err))
+    for ms, key, err in sorted(results, key=lambda r: r[0]):
+        label = (f"{tuple(key)}{' <- the engine' if key == picked else ''}" if isinstance(key, Launch) else key)
+        print(f"| {label:<44} | {err:10.2e} | {ms * 1e3:7.1f} | {nbytes / (ms / 1e3) / bandwidth:10.0%} |")
+
+
+def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", nargs="+", default=["llama-3.2-1b", "smollm2-135m", "qwen2.5-0.5b"], choices=SHAPES)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    src = torch.randn(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.numel() * 4 / (cuda_ms(lambda: dst.copy_(src), 20) / 1e3)
+    del src, dst
+    print(f"{torch.cuda.get_device_name()}, copy bandwidth {bandwidth / 1e12:.2f} TB/s; torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    for name in args.shape:
+        sweep(name, bandwidth)
 
 
 if __name__ == "__main__":

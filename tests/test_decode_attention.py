@@ -176,3 +176,36 @@ def test_fused_rope_and_cache_write_match_the_eager_path(interpreted, dtype):
     torch.testing.assert_close(q, q_ref, rtol=ulp, atol=ulp)
     torch.testing.assert_close(ours.k.cpu(), theirs.k, rtol=ulp, atol=ulp)
     assert torch.equal(ours.v.cpu(), theirs.v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_fused_rope_and_cache_write_of_a_prefill_match_the_eager_path(interpreted, dtype):
+    """A prefill's every prompt token: rotated queries and keys returned, keys and values in their slots'
+    positions [0, T) of the cache, as the eager rope and KVCache.write_prefill put them."""
+    from actors.engines import fused_ops
+    from actors.engines.kv_cache import KVCache
+    from actors.engines.llama import apply_rope
+
+    g = torch.Generator().manual_seed(12)
+    heads, kv_heads, dim, seq, t = 6, 2, 16, 32, 5
+    slots = torch.tensor([3, 0, 4])
+    b = len(slots)
+    angles = torch.rand(seq, dim // 2, generator=g) * 6.0
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    qkv = torch.randn(b, t, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    positions = torch.arange(t).expand(b, t)
+    ours = KVCache(1, 6, kv_heads, seq, dim, dtype=dtype, device=DEVICE)
+    theirs = KVCache(1, 6, kv_heads, seq, dim, dtype=dtype, device="cpu")
+    q, k = fused_ops.rope_and_cache(qkv.view(b * t, -1).to(DEVICE), positions.reshape(-1).to(DEVICE), cos.to(DEVICE),
+                                    sin.to(DEVICE), ours.k[0], ours.v[0], heads, kv_heads,
+                                    slots=slots.repeat_interleave(t).to(DEVICE), keys=True)
+    q_ref, k_ref, v_ref = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    c, s = cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
+    q_ref = apply_rope(q_ref.view(b, t, heads, dim).transpose(1, 2), c, s)
+    k_ref = apply_rope(k_ref.view(b, t, kv_heads, dim).transpose(1, 2), c, s)
+    theirs.write_prefill(0, slots, k_ref, v_ref.view(b, t, kv_heads, dim).transpose(1, 2))
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(q.cpu().view(b, t, heads, dim).transpose(1, 2), q_ref, rtol=ulp, atol=ulp)
+    torch.testing.assert_close(k.cpu().view(b, t, kv_heads, dim).transpose(1, 2), k_ref, rtol=ulp, atol=ulp)
+    torch.testing.assert_close(ours.k.cpu(), theirs.k, rtol=ulp, atol=ulp)
+    assert torch.equal(ours.v.cpu(), theirs.v)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,21 @@ LOG2E = 1.4426950408889634
 def available(device: torch.device) -> bool:
     """The kernel serves CUDA devices when Triton is installed."""
     return triton is not None and device.type == "cuda"
+
+
+class Launch(NamedTuple):
+    """How the kernel is launched: keys per block, warps and pipeline stages per program, context splits."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    splits: int = 1
+
+
+def launch_settings(slots: int, kv_heads: int, group: int, device: torch.device) -> Launch:
+    """The engine's launch settings for a decode step over `slots` slots (benchmarks/decode_attention.py sweeps
+    the alternatives; benchmarks/NOTES.md has the figures)."""
+    return Launch(splits=splits_for(slots * kv_heads, device))
 
 
 def splits_for(programs: int, device: torch.device) -> int:

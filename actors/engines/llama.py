@@ -8,7 +8,8 @@ row ranges of those fused weights through `weight_map`, the single table used fo
 
 The same forward serves three uses, chosen by the `ForwardContext`:
 * full (no cache): `score` and tests;
-* prefill: right-padded prompts, writing K/V into their cache slots;
+* prefill: right-padded prompts, writing K/V into their cache slots (on GPU: rope and the cache write fused
+  into one kernel per layer, attention through SDPA's causal flash kernel);
 * decode: one token per slot for slots [0, B), reading K/V back from the cache.
 """
 
@@ -170,38 +171,45 @@ class ForwardContext:
     """Positions, attention mask and cache wiring for one forward call."""
 
     positions: torch.Tensor  # [B, T] int64
-    mask: torch.Tensor | None  # [B, 1, T, K] bool, True = attend (None with `lengths`)
+    mask: torch.Tensor | None  # decode without the kernel: [B, 1, 1, K] bool, True = attend; None: causal
     cache: KVCache | None = None
     prefill_slots: torch.Tensor | None = None  # prefill: cache slot of each row, [B]
     kv_len: int = 0  # decode: attend over cache positions [0, kv_len)
     lengths: torch.Tensor | None = None  # decode with the Triton kernel: keys per slot (no mask needed)
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # decode, fused rope + cache write: the cos/sin tables
-    splits: int = 1  # decode with the Triton kernel: programs per slot and KV head (decode_attention.splits_for)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # fused rope + cache write: the cos/sin tables
+    launch: decode_attention.Launch = decode_attention.Launch()  # decode with the Triton kernel: its launch settings
+    token_slots: torch.Tensor | None = None  # fused prefill: the cache slot of each of the B * T tokens
 
     @classmethod
     def full(cls, lengths: torch.Tensor, seq_len: int) -> "ForwardContext":
-        """Right-padded batch, no cache: causal mask that also hides padding keys."""
+        """Right-padded batch, no cache. Causal attention is exact for every real token: the keys before it
+        are all real (padding comes after), so no mask is needed, and SDPA takes its flash kernels. Rows at
+        padding positions compute values nothing reads."""
         positions = torch.arange(seq_len, device=lengths.device).expand(lengths.shape[0], seq_len)
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=lengths.device).tril()
-        key_valid = positions < lengths[:, None]  # [B, K]
-        mask = causal[None, None] & key_valid[:, None, None, :]
-        return cls(positions=positions, mask=mask)
+        return cls(positions=positions, mask=None)
 
     @classmethod
-    def prefill(cls, lengths: torch.Tensor, seq_len: int, slots: torch.Tensor, cache: KVCache) -> "ForwardContext":
+    def prefill(cls, lengths: torch.Tensor, seq_len: int, slots: torch.Tensor, cache: KVCache,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> "ForwardContext":
+        """`rope`: the cos/sin tables, to rotate q/k and write the cache in one fused kernel per layer. Padding
+        positions are written too; decoding reads a slot only below its length and overwrites from there."""
         ctx = cls.full(lengths, seq_len)
-        ctx.cache, ctx.prefill_slots = cache, slots
+        ctx.cache, ctx.prefill_slots, ctx.rope = cache, slots, rope
+        if rope is not None:
+            ctx.token_slots = slots.repeat_interleave(seq_len)
         return ctx
 
     @classmethod
     def decode(cls, positions: torch.Tensor, cache: KVCache, kv_len: int, kernel: bool = False,
-               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> "ForwardContext":
-        """One token per slot for slots [0, B); positions [B]. `kernel`: attend with the Triton decode kernel;
-        `rope`: the cos/sin tables, to rotate and cache q/k/v in one fused kernel."""
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None, group: int = 1) -> "ForwardContext":
+        """One token per slot for slots [0, B); positions [B]. `kernel`: attend with the Triton decode kernel
+        (`group`: query heads per KV head); `rope`: the cos/sin tables, to rotate and cache q/k/v in one fused
+        kernel."""
         if kernel:
-            splits = decode_attention.splits_for(positions.shape[0] * cache.k.shape[2], positions.device)
+            kv_heads = cache.k.shape[2]
+            launch = decode_attention.launch_settings(positions.shape[0], kv_heads, group, positions.device)
             return cls(positions=positions[:, None], mask=None, cache=cache, kv_len=kv_len, lengths=positions + 1,
-                       rope=rope, splits=splits)
+                       rope=rope, launch=launch)
         return cls(positions=positions[:, None], mask=decode_mask(positions, kv_len), cache=cache, kv_len=kv_len)
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,11 +255,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
+        gqa = self.num_heads != self.num_kv_heads
+        if ctx.rope is not None and ctx.prefill_slots is not None:  # GPU prefill: fused rope + cache write
+            qkv = self.wqkv(x)
+            q, k = fused_ops.rope_and_cache(qkv.view(b * t, -1), ctx.positions.reshape(-1), *ctx.rope,
+                                            ctx.cache.k[self.layer], ctx.cache.v[self.layer], self.num_heads,
+                                            self.num_kv_heads, slots=ctx.token_slots, keys=True)
+            q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = qkv[..., self.split[0] + self.split[1]:].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return self.wo(out.transpose(1, 2).reshape(b, t, -1))
         if ctx.rope is not None:  # GPU decode: one kernel rotates q/k and caches k/v, one attends
             q = fused_ops.rope_and_cache(self.wqkv(x)[:, 0], ctx.positions[:, 0], *ctx.rope, ctx.cache.k[self.layer],
                                          ctx.cache.v[self.layer], self.num_heads, self.num_kv_heads)
             k, v = ctx.cache.read(self.layer, b, ctx.kv_len)
-            out = decode_attention.decode_attention(q, k, v, ctx.lengths, splits=ctx.splits)
+            out = decode_attention.decode_attention(q, k, v, ctx.lengths, **ctx.launch._asdict())
             return self.wo(out.reshape(b, t, -1))
         q, k, v = self.wqkv(x).split(self.split, dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
@@ -260,11 +279,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = ctx.keys_values(self.layer, k, v)
         if ctx.lengths is not None:
-            out = decode_attention.decode_attention(q[:, :, 0], k, v, ctx.lengths, splits=ctx.splits)[:, :, None]
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=ctx.mask, enable_gqa=self.num_heads != self.num_kv_heads
-            )
+            out = decode_attention.decode_attention(q[:, :, 0], k, v, ctx.lengths, **ctx.launch._asdict())[:, :, None]
+        else:  # no mask: causal (full and prefill); with one: decode without the kernel
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None,
+                                                 enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -359,18 +377,25 @@ class Transformer(nn.Module):
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Right-padded prompts [B, T] into `slots`; returns logits [B, V] at each prompt's last token."""
-        hidden = self.hidden_states(tokens, ForwardContext.prefill(lengths, tokens.shape[1], slots, cache))
+        hidden = self.hidden_states(tokens, ForwardContext.prefill(lengths, tokens.shape[1], slots, cache,
+                                                                   self._fused_rope()))
         last = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]
         return self.logits(last)
+
+    def _fused_rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cos/sin tables for the fused rope + cache-write kernel, where it runs: with the fused kernels, for
+        power-of-two head sizes (Triton block shapes; others rotate in torch)."""
+        pow2 = self.args.head_dim & (self.args.head_dim - 1) == 0
+        return (self.rope_cos, self.rope_sin) if self.fused and pow2 else None
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int,
                kernel: bool = False) -> torch.Tensor:
         """One token per slot for slots [0, B): tokens/positions [B] -> logits [B, V] in the model dtype
         (argmax needs no float32 copy of [B, V]; samplers upcast). `kernel`: Triton decode attention."""
-        # The fused rope kernel handles power-of-two head sizes (Triton block shapes); others rotate in torch.
-        pow2 = self.args.head_dim & (self.args.head_dim - 1) == 0
-        rope = (self.rope_cos, self.rope_sin) if kernel and self.fused and pow2 else None
-        hidden = self.hidden_states(tokens[:, None], ForwardContext.decode(positions, cache, kv_len, kernel, rope))
+        rope = self._fused_rope() if kernel else None
+        group = self.args.num_heads // self.args.num_kv_heads
+        ctx = ForwardContext.decode(positions, cache, kv_len, kernel, rope, group)
+        hidden = self.hidden_states(tokens[:, None], ctx)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden[:, 0], head)
 
