@@ -105,9 +105,10 @@ class EngineHost:
         """CUDA IPC refit set-up: map the learner's buffer and check its layout, loading nothing."""
         self.ipc.map(self.engine, torch.device(self.spec.device), export)
 
-    def load_ipc(self, version: int, export: dict) -> tuple[str, int]:
+    def load_ipc(self, version: int, export: dict | str) -> tuple[str, int]:
         """CUDA IPC refit (actors/ipc_receiver.py): copy the learner's exported weights in, then serve `version`;
-        returns `status()` (the refit's one call also tells a restart). A copy that fails part way leaves mixed
+        returns `status()` (the refit's one call also tells a restart). `export`: the export, or the token of
+        the one mapped before (actors/ipc_receiver.py). A copy that fails part way leaves mixed
         weights, so the replica refuses work until it gets whole ones."""
         self.ipc.map(self.engine, torch.device(self.spec.device), export)
         self.stale = True

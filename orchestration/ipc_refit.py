@@ -5,9 +5,10 @@ takes the weights through host memory.
 Learner rank 0 exports its weights once through CUDA IPC handles (learner/ipc_source.py): live (the torch
 backend: the engines map the learner's own weights) or staged (megatron, fsdp2: a flat buffer the learner
 packs into at each refit, one more call and one more copy). A live refit is then one Ray call per engine
-replica, all at once: each copies the weights straight from the learner's memory, after waiting on the GPU
-for the learner's last step (actors/ipc_receiver.py), and answers with its status, so an idle restart is
-seen in the same call. No byte goes through the host.
+replica, all at once, naming the export by its token: each copies the weights straight from the learner's
+memory, after waiting on the GPU for the learner's last step (actors/ipc_receiver.py), and answers with its
+status, so an idle restart is seen in the same call (a restarted process has mapped nothing and is sent the
+export itself). No byte goes through the host.
 
 A replica Ray restarts during a refit copies the weights like the others (the learner is idle then). One that
 restarts later is restored from a healthy replica serving its version, as the collective transport does (the
@@ -17,7 +18,7 @@ refit's weights until the next one.
 
 from __future__ import annotations
 
-from actors.ipc_receiver import NotOnLearnersGpu
+from actors.ipc_receiver import NotMapped, NotOnLearnersGpu
 
 from .cluster import RECOVERABLE, EnginePool, Pools, get_within
 from .errors import ConfigError, LearnerFailed, RefitFailed, one_line
@@ -91,11 +92,17 @@ class IpcRefit:
         try:
             for pool in self.pools.policy_pools:
                 pool.version, pool.weight_refs = version, ()
-            loads = [(pool, i, pool.call(i, "load_ipc", version, self.export)) for pool, i in self.engines]
+            # the token alone: each replica mapped the export at set-up (a restarted one asks for it below)
+            token = self.export["token"]
+            loads = [(pool, i, pool.call(i, "load_ipc", version, token)) for pool, i in self.engines]
             for pool, i, ref in loads:
                 what = f"{pool.name} replica {i} copying weight version {version} over CUDA IPC"
                 try:
-                    incarnation, got = get_within(ref, pool.timeout_s, what)
+                    try:
+                        incarnation, got = get_within(ref, pool.timeout_s, what)
+                    except NotMapped:  # a process Ray restarted while idle: it maps the export now
+                        incarnation, got = get_within(pool.call(i, "load_ipc", version, self.export), pool.timeout_s,
+                                                      what)
                     pool.note_incarnation(i, incarnation, "it took this refit's weights")
                 except RECOVERABLE as e:
                     pool.recover(i, e)  # restarted: restore() copies the weights again

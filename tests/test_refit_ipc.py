@@ -9,10 +9,12 @@ import pytest
 import ray
 import torch
 
+from actors.engines.protocol import GenerationRequest, SamplingParams
 from actors.engines.torch_engine import TorchEngine
 from learner.backends import make_backend
 from learner.ipc_source import storage_layout
 from learner.types import LossConfig, OptimConfig, TrainSample
+from actors.ipc_receiver import NotMapped
 from orchestration.cluster import EnginePool, Pools
 from orchestration.errors import ReplicaFailed
 from orchestration.ipc_refit import IpcRefit
@@ -56,6 +58,27 @@ def test_a_mixed_precision_torch_backend_exports_one_buffer_the_engine_accepts_a
     assert all(torch.equal(after[name], t) for name, t in backend.named_weights())
 
 
+def test_an_engine_adopts_the_learners_flat_layout_so_a_refit_is_one_copy(tiny_llama):
+    backend = make_backend("torch", tiny_llama, OptimConfig(lr=1e-2, micro_batch_size=2), device="cpu",
+                           dtype="bfloat16", rank=0, world_size=1, seed=0, reference_dir=None)
+    backend.train_step([TrainSample([1, 2, 3], [4, 5], [6, 7])] * 2, LossConfig(beta=0.5))  # unlike the checkpoint
+    (entry,), (raw,) = storage_layout(backend.named_weights())
+    engine = TorchEngine(tiny_llama, device="cpu", dtype="bfloat16", max_batch_size=2, max_seq_len=64)
+    request = [GenerationRequest([1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=8))]
+    served = engine.generate(request)[0].token_ids
+    # a fused weight whose pieces are not back to back, or another dtype: no, and nothing changes
+    gap = {**entry, "offsets": list(entry["offsets"]), "nbytes": entry["nbytes"] + 64}
+    gap["offsets"][gap["names"].index("model.layers.0.self_attn.v_proj.weight")] += 64
+    assert engine.adopt_layout(gap) is None
+    assert engine.adopt_layout({**entry, "dtypes": ["float32"] * len(entry["names"]), "nbytes": 2 * entry["nbytes"]}) is None
+    flat = engine.adopt_layout(entry)
+    assert flat is not None and flat.numel() == entry["nbytes"]
+    assert engine.generate(request)[0].token_ids == served  # its own weights, moved
+    flat.copy_(raw)  # the refit's one copy
+    learner = dict(backend.named_weights())
+    assert all(torch.equal(t, learner[name]) for name, t in engine.named_parameters_hf().items())
+
+
 # ---- the driver side, over stand-in actors -------------------------------------------------------------
 
 
@@ -64,18 +87,29 @@ class StandInEngine:
     """What IpcRefit calls on an engine replica, recording the calls."""
 
     def __init__(self, version: int = 0):
-        self.version, self.calls = version, []
+        self.version, self.calls, self.mapped, self.incarnation = version, [], "", "process-1"
 
     def refit_dtype(self) -> str:
         return "bfloat16"
 
     def check_ipc(self, export: dict) -> None:
         self.calls.append(("check_ipc", export["token"]))
+        self.mapped = export["token"]
 
-    def load_ipc(self, version: int, export: dict) -> tuple[str, int]:
-        self.calls.append(("load_ipc", version, export["token"]))
+    def load_ipc(self, version: int, export: dict | str) -> tuple[str, int]:
+        if isinstance(export, str):  # the token alone, as IpcReceiver.map takes it
+            self.calls.append(("load_ipc", version, "token", export))
+            if export != self.mapped:
+                raise NotMapped(f"{export} is not mapped")
+        else:
+            self.calls.append(("load_ipc", version, "export", export["token"]))
+            self.mapped = export["token"]
         self.version = version
-        return "process-1", version
+        return self.incarnation, version
+
+    def restart(self) -> None:
+        """As a process Ray started anew: nothing mapped, another incarnation."""
+        self.mapped, self.incarnation = "", "process-2"
 
     def export_weights(self, bucket_bytes: int):
         self.calls.append(("export_weights",))
@@ -100,7 +134,7 @@ class StandInLearner:
 
     def ipc_export(self, dtype) -> dict:
         self.exports += 1
-        token = "live" if self.live else f"staged-{self.exports}"
+        token = "live" if self.live else "staged"  # a staged buffer is laid out once too
         return {"layout": [{"nbytes": 2_000_000}], "token": token, "live": self.live}
 
     def count(self) -> int:
@@ -137,7 +171,8 @@ def test_a_live_refit_is_one_call_per_engine_and_none_to_the_learner(stand_ins):
     for version in (1, 2):
         ipc.refit(version)
     assert ray.get(pools.learner.rank0.count.remote()) == 1  # the set-up's export only
-    assert _calls(pools) == [[("check_ipc", "live"), ("load_ipc", 1, "live"), ("load_ipc", 2, "live")]] * 3
+    assert _calls(pools) == [[("check_ipc", "live"), ("load_ipc", 1, "token", "live"),
+                              ("load_ipc", 2, "token", "live")]] * 3
     assert pools.generators.version == pools.judges.version == 2
 
 
@@ -148,7 +183,19 @@ def test_a_staged_refit_has_the_learner_pack_first_each_time(stand_ins):
     ipc.refit(1)
     ipc.refit(2)
     assert ray.get(pools.learner.rank0.count.remote()) == 3
-    assert _calls(pools)[0] == [("check_ipc", "staged-1"), ("load_ipc", 1, "staged-2"), ("load_ipc", 2, "staged-3")]
+    assert _calls(pools)[0] == [("check_ipc", "staged"), ("load_ipc", 1, "token", "staged"),
+                                ("load_ipc", 2, "token", "staged")]
+
+
+def test_a_replica_restarted_while_idle_is_sent_the_export_and_counted(stand_ins):
+    pools = stand_ins(live=True)
+    ipc = IpcRefit(pools)
+    ipc.check()
+    ipc.refit(1)
+    ray.get(pools.generators.actors[1].restart.remote())
+    ipc.refit(2)
+    assert _calls(pools)[1][-2:] == [("load_ipc", 2, "token", "live"), ("load_ipc", 2, "export", "live")]
+    assert pools.generators.restarts == [0, 1] and pools.generators.version == 2
 
 
 def test_a_replica_restarted_after_a_live_refit_is_restored_from_a_peer_not_the_learner(stand_ins):

@@ -39,7 +39,8 @@ def pools(ray_session, model_dir):  # noqa: F811
 @pytest.mark.parametrize("live", [True, False], ids=["live", "staged"])
 def test_cuda_ipc_refit_gives_the_engine_the_learners_weights_and_version(pools, tmp_path, live):
     if not live:  # what a backend whose weights are gathered copies does (megatron, fsdp2)
-        ray.get(pools.learner.workers[0].__ray_call__.remote(_export_staged))
+        # a lambda travels by value (a function of this module would be looked up by name in the worker)
+        ray.get(pools.learner.workers[0].__ray_call__.remote(lambda w: setattr(w.backend, "live_weights", False)))
     before, version = _engine_state(pools)
     use_cuda_ipc(pools)  # maps the learner's memory, loads nothing
     assert pools.collective.export["live"] is live
@@ -52,10 +53,6 @@ def test_cuda_ipc_refit_gives_the_engine_the_learners_weights_and_version(pools,
         assert digest == {name: expected[name] for name in digest}
         assert version == v and digest != before
         before = digest
-
-
-def _export_staged(worker) -> None:
-    worker.backend.live_weights = False
 
 
 def test_a_replica_restarted_after_a_live_refit_is_restored_from_its_peer(pools, tmp_path):

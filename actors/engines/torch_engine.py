@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from actors.engines import DEFAULT_GPU_MEMORY_FRACTION, EngineSpec, check_options, context_length, decode_attention
 from actors.engines.cuda_graphs import DecodeGraphs, decode_window
 from actors.engines.kv_cache import CachePlan, cache_budget, plan_cache
-from actors.engines.llama import ForwardContext, ModelArgs, Transformer, hf_views
+from actors.engines.llama import ForwardContext, ModelArgs, Transformer, hf_views, internal_to_hf
 from actors.engines.protocol import FinishReason, GenerationRequest, GenerationResult, WeightBucket
 from actors.engines.sampling import sample_tokens, split_seed, token_logprobs
 from refit_wire import entry_views, layout_spans, torch_dtype, unpack_bucket
@@ -126,6 +126,39 @@ class TorchEngine:
 
     def named_parameters_hf(self) -> dict[str, torch.Tensor]:
         return dict(self._views)
+
+    def adopt_layout(self, entry: Mapping) -> torch.Tensor | None:
+        """Move the parameters into one flat buffer laid out as the refit-bucket layout `entry` lays out the
+        weights, so that a refit from memory with that layout (CUDA IPC) is one copy of the whole buffer instead
+        of one per weight. Returns the buffer (uint8, entry["nbytes"]), or None, with nothing changed, where the
+        layout does not allow it: another dtype than the engine's, or a fused parameter (q/k/v, gate/up) whose
+        pieces are not back to back in order. Call it between generations: it re-captures the CUDA graphs."""
+        spans = {name: (offset, nbytes, dtype)
+                 for name, dtype, _, offset, nbytes in layout_spans(entry, entry["nbytes"])}
+        dtype = self.model.embed_tokens.weight.dtype
+        placed: dict[str, int] = {}  # internal parameter -> byte offset in the buffer
+        for internal, pieces in internal_to_hf(self.args).items():
+            offset = spans[pieces[0].hf_name][0]
+            end = offset
+            for piece in pieces:  # weight_map lists a fused tensor's pieces in row order
+                start, nbytes, piece_dtype = spans[piece.hf_name]
+                if piece_dtype != dtype or start != end:
+                    return None
+                end = start + nbytes
+            placed[internal] = offset
+        flat = torch.zeros(entry["nbytes"], dtype=torch.uint8, device=self.device)
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                view = flat[placed[name]: placed[name] + param.numel() * param.element_size()]
+                view = view.view(dtype).view(param.shape)
+                view.copy_(param)
+                param.data = view
+        self._views = hf_views(self.model)
+        if self._graphs is not None:  # captured over the old parameters' addresses
+            self._graphs = DecodeGraphs(self._eager_decode, self.max_batch_size, self.max_seq_len)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the old parameters' memory, back to the GPU the pools share
+        return flat
 
     def _load_checkpoint(self, model_dir: Path) -> None:
         seen: set[str] = set()
