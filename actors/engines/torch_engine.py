@@ -32,6 +32,13 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from actors.engines import DEFAULT_GPU_MEMORY_FRACTION, EngineSpec, check_options, context_length, decode_attention
 from actors.engines.cuda_graphs import DecodeGraphs, decode_window
+
+# Padded prompt tokens per prefill forward. Prefill runs eagerly (no graphs), so at a small model the host's
+# ~20 launches per layer, not the GPU, set its time: fewer, larger chunks (256 x 128 tokens in one forward)
+# cut that. Causal flash attention keeps the chunk's memory linear in its tokens: the transient activations
+# are about tokens x (3 x intermediate + 4 x hidden) x 2 bytes (~2 GB for a 1B model, ~3.5 GB for 8B);
+# engine.options.max_prefill_tokens lowers it.
+DEFAULT_PREFILL_TOKENS = 32768
 from actors.engines.kv_cache import CachePlan, cache_budget, plan_cache
 from actors.engines.llama import ForwardContext, ModelArgs, Transformer, hf_views, internal_to_hf
 from actors.engines.protocol import FinishReason, GenerationRequest, GenerationResult, WeightBucket
@@ -84,7 +91,7 @@ class TorchEngine:
         weight_version: int = 0,
         kv_cache_memory_gb: float | None = None,
         gpu_memory_fraction: float = DEFAULT_GPU_MEMORY_FRACTION,
-        max_prefill_tokens: int = 8192,
+        max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         cuda_graphs: bool = True,
         decode_kernel: bool | None = None,
     ) -> None:
