@@ -1,6 +1,7 @@
 """The torch learner's GPU path (run on the GPU machine; skipped without CUDA): bf16 mixed precision agrees with
 float32, attention runs on the flash kernel, a step queues its work without waiting on the device, and the
-fused log-prob and RMSNorm kernels match the plain computations."""
+fused log-prob and RMSNorm kernels match the plain computations. Ours are asked for by name (kernels="torch")
+until the last test: Liger's patch, once applied, replaces transformers' Llama modules for the whole process."""
 
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_bf16_logprobs_agree_with_float32(model_dir):
     samples = pairs(8, seed=1)
     prompts, responses = [s.prompt_ids for s in samples], [s.chosen_ids for s in samples]
-    bf16 = TorchBackend(model_dir, OptimConfig(), device="cuda", dtype="bfloat16")
-    fp32 = TorchBackend(model_dir, OptimConfig(), device="cuda", dtype="float32")
+    bf16 = TorchBackend(model_dir, OptimConfig(), device="cuda", dtype="bfloat16", kernels="torch")
+    fp32 = TorchBackend(model_dir, OptimConfig(), device="cuda", dtype="float32", kernels="torch")
     got = torch.tensor([x for row in bf16.logprobs(prompts, responses) for x in row])
     want = torch.tensor([x for row in fp32.logprobs(prompts, responses) for x in row])
     assert got.shape == want.shape and torch.isfinite(got).all()
@@ -60,8 +61,8 @@ def test_bf16_logprobs_agree_with_float32(model_dir):
 def test_bf16_dpo_step_agrees_with_float32(model_dir):
     batch, cfg = pairs(8, seed=2), LossConfig(beta=0.5, sft_loss_weight=0.3)
     optim = OptimConfig(lr=1e-3, micro_batch_size=4)
-    fp32 = TorchBackend(model_dir, optim, device="cuda", dtype="float32")
-    bf16 = TorchBackend(model_dir, optim, device="cuda", dtype="bfloat16")
+    fp32 = TorchBackend(model_dir, optim, device="cuda", dtype="float32", kernels="torch")
+    bf16 = TorchBackend(model_dir, optim, device="cuda", dtype="bfloat16", kernels="torch")
     m32, m16 = fp32.train_step(batch, cfg), bf16.train_step(batch, cfg)
     assert m16["preference_loss"] == pytest.approx(math.log(2), abs=1e-6) and m16["rewards_chosen_mean"] == 0
     assert m16["loss"] == pytest.approx(m32["loss"], rel=1e-2)
@@ -79,14 +80,16 @@ def test_bf16_dpo_step_agrees_with_float32(model_dir):
 
 def test_attention_runs_on_the_flash_kernel(model_dir):
     """No padding mask reaches SDPA (the batch is right-padded), so forward and backward run on flash."""
-    backend = TorchBackend(model_dir, OptimConfig(lr=1e-4, micro_batch_size=4), device="cuda", dtype="bfloat16")
+    backend = TorchBackend(model_dir, OptimConfig(lr=1e-4, micro_batch_size=4), device="cuda", dtype="bfloat16",
+                           kernels="torch")
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if SDPA needs another kernel
         metrics = backend.train_step(pairs(4, seed=3), LossConfig())
     assert math.isfinite(metrics["loss"])
 
 
 def test_a_step_queues_its_work_without_waiting_on_the_device(model_dir):
-    backend = TorchBackend(model_dir, OptimConfig(lr=1e-4, micro_batch_size=2), device="cuda", dtype="bfloat16")
+    backend = TorchBackend(model_dir, OptimConfig(lr=1e-4, micro_batch_size=2), device="cuda", dtype="bfloat16",
+                           kernels="torch")
     batch = pairs(4, seed=4)
     cfg = LossConfig(preference_loss="rpo_sq", beta=0.1)
     batch = [TrainSample(s.prompt_ids, s.chosen_ids, s.rejected_ids, 4.0, 1.0) for s in batch]  # scores: rpo
